@@ -1,0 +1,3 @@
+"""ser: speech emotion recognition for whole audio collections, on Ray."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,61 @@
+"""Temperature scaling (Guo et al. 2017) and expected calibration error."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.optimize import minimize_scalar
+
+from ser.predict import mean_by_file, softmax
+
+ECE_BINS = 15
+TEMPERATURE_BOUNDS = (0.05, 20.0)
+
+
+def nll(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Mean negative log-likelihood of the true class."""
+    return float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)).mean())
+
+
+def file_probabilities(window_logits: np.ndarray, file_index: np.ndarray, n_files: int, temperature: float) -> np.ndarray:
+    """Calibrated per-file probabilities: softmax(logits / T) per window, averaged per file."""
+    return mean_by_file(softmax(window_logits, temperature), file_index, n_files)
+
+
+def fit_temperature(window_logits: np.ndarray, file_index: np.ndarray, labels: np.ndarray) -> float:
+    """The temperature minimizing file-level NLL on held-out (validation) data."""
+    n_files = len(labels)
+
+    def loss(log_t: float) -> float:
+        return nll(file_probabilities(window_logits, file_index, n_files, float(np.exp(log_t))), labels)
+
+    low, high = np.log(TEMPERATURE_BOUNDS)
+    result = minimize_scalar(loss, bounds=(low, high), method="bounded", options={"xatol": 1e-4})
+    return float(np.exp(result.x))
+
+
+def reliability(probs: np.ndarray, labels: np.ndarray, n_bins: int = ECE_BINS) -> list[dict]:
+    """Equal-width confidence bins: each bin's bounds, count, mean confidence and accuracy."""
+    confidence = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == labels
+    bins = np.minimum((confidence * n_bins).astype(int), n_bins - 1)
+    rows = []
+    for b in range(n_bins):
+        members = bins == b
+        rows.append(
+            {
+                "lower": b / n_bins,
+                "upper": (b + 1) / n_bins,
+                "count": int(members.sum()),
+                "confidence": float(confidence[members].mean()) if members.any() else None,
+                "accuracy": float(correct[members].mean()) if members.any() else None,
+            }
+        )
+    return rows
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: int = ECE_BINS) -> float:
+    """ECE: the gap |accuracy - confidence| of each bin, weighted by the share of samples in it."""
+    return float(
+        sum(r["count"] * abs(r["accuracy"] - r["confidence"]) for r in reliability(probs, labels, n_bins) if r["count"])
+        / max(len(labels), 1)
+    )

@@ -1,0 +1,82 @@
+"""The feature stage: 3 s windows -> 128x128 log-mel spectrograms (dB relative to each window's peak).
+
+The exact contract lives here and nowhere else. `log_mel_batch` is the only function that makes features;
+one clip is a batch of one, so every caller gets bit-identical values for the same window.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from functools import lru_cache
+
+import librosa
+import numpy as np
+
+from ser import audio
+
+N_FFT = 2048
+HOP_LENGTH = 520  # chosen so that a 3 s window gives exactly 128 centred frames (hop 512 would give 130)
+N_MELS = 128
+TOP_DB = 80.0  # dynamic range kept below each window's peak
+AMIN = 1e-10  # power floor before the log
+
+N_FRAMES = 1 + audio.N_SAMPLES // HOP_LENGTH
+FEATURE_SHAPE = (N_MELS, N_FRAMES)
+assert FEATURE_SHAPE == (128, 128), f"feature contract broken: {FEATURE_SHAPE}"
+
+
+def feature_config() -> dict:
+    """Everything that determines the features, for provenance in bundles and outputs."""
+    return {
+        "sample_rate": audio.SAMPLE_RATE,
+        "clip_seconds": audio.CLIP_SECONDS,
+        "window_hop_seconds": audio.WINDOW_HOP_SECONDS,
+        "trim_top_db": audio.TRIM_TOP_DB,
+        "resample_type": audio.RESAMPLE_TYPE,
+        "n_fft": N_FFT,
+        "hop_length": HOP_LENGTH,
+        "n_mels": N_MELS,
+        "top_db": TOP_DB,
+        "shape": list(FEATURE_SHAPE),
+    }
+
+
+def feature_config_hash(config: dict | None = None) -> str:
+    """Short stable hash of a feature config (the current one by default)."""
+    blob = json.dumps(config or feature_config(), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+@lru_cache(maxsize=1)
+def mel_filters() -> np.ndarray:
+    """Slaney mel filterbank, (N_MELS, 1 + N_FFT // 2), float32."""
+    return librosa.filters.mel(sr=audio.SAMPLE_RATE, n_fft=N_FFT, n_mels=N_MELS).astype(np.float32)
+
+
+def log_mel_batch(windows: np.ndarray) -> np.ndarray:
+    """(batch, N_SAMPLES) float32 windows -> (batch, N_MELS, N_FRAMES) float32 log-mel in [-TOP_DB, 0] dB."""
+    windows = np.asarray(windows, dtype=np.float32)
+    if windows.ndim != 2 or windows.shape[1] != audio.N_SAMPLES:
+        raise ValueError(f"expected windows of shape (batch, {audio.N_SAMPLES}), got {windows.shape}")
+    spectrum = librosa.stft(windows, n_fft=N_FFT, hop_length=HOP_LENGTH)
+    power = np.abs(spectrum) ** 2
+    mel = np.matmul(mel_filters(), power)
+    db = 10.0 * np.log10(np.maximum(mel, AMIN))
+    db -= db.max(axis=(1, 2), keepdims=True)
+    return np.maximum(db, -TOP_DB).astype(np.float32)
+
+
+def log_mel(window: np.ndarray) -> np.ndarray:
+    """One (N_SAMPLES,) window -> (N_MELS, N_FRAMES); the same code as a batch of one."""
+    return log_mel_batch(window[None, :])[0]
+
+
+def file_features(data: bytes | str, name: str = "") -> tuple[np.ndarray, np.ndarray, audio.AudioInfo]:
+    """Bytes or path -> (features (n_windows, N_MELS, N_FRAMES), window starts in s, AudioInfo).
+
+    The single entry used by training, `ser predict` and the labeling job.
+    """
+    samples, info = audio.decode(data, name)
+    frames, starts = audio.windows(samples)
+    return log_mel_batch(frames), starts, info

@@ -1,0 +1,73 @@
+"""The model: CNN -> BiLSTM -> Attention over a normalized 128x128 log-mel, emitting class logits.
+
+Softmax (with the calibrated temperature) is applied by `ser.predict`, never inside the graph, so that
+training uses logits and every inference path applies the same temperature.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import keras
+from keras import layers
+
+from ser import features
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture hyperparameters (the original notebook's values by default)."""
+
+    n_classes: int = 8
+    conv_filters: tuple[int, ...] = (32, 64, 128)
+    conv_dropout: float = 0.2
+    lstm_units: int = 128
+    head_dropout: float = 0.3
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> ModelConfig:
+        values = dict(values)
+        values["conv_filters"] = tuple(values.get("conv_filters", cls.conv_filters))
+        return cls(**values)
+
+
+@keras.saving.register_keras_serializable(package="ser")
+class Attention(layers.Layer):
+    """Additive attention pooling over time: (batch, time, dim) -> (batch, dim)."""
+
+    def build(self, input_shape):
+        dim = input_shape[-1]
+        self.score_dense = layers.Dense(dim, activation="tanh", name="score_hidden")
+        self.score_dense.build(input_shape)
+        self.score_vector = layers.Dense(1, use_bias=False, name="score")
+        self.score_vector.build((*input_shape[:-1], dim))
+        super().build(input_shape)
+
+    def call(self, inputs):
+        weights = keras.ops.softmax(self.score_vector(self.score_dense(inputs)), axis=1)
+        return keras.ops.sum(weights * inputs, axis=1)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], input_shape[-1])
+
+
+def build_model(config: ModelConfig = ModelConfig()) -> keras.Model:
+    """Conv2D -> MaxPool -> BatchNorm -> Dropout (x3), then BiLSTM over time, Attention, Dropout, Dense logits."""
+    inputs = keras.Input(shape=(*features.FEATURE_SHAPE, 1), name="log_mel")
+    x = inputs
+    for filters in config.conv_filters:
+        x = layers.Conv2D(filters, 3, padding="same", activation="relu")(x)
+        x = layers.MaxPooling2D(2)(x)
+        x = layers.BatchNormalization()(x)
+        x = layers.Dropout(config.conv_dropout)(x)
+    # (mels, frames, channels) -> (frames, mels * channels): the LSTM reads the spectrogram along time.
+    x = layers.Permute((2, 1, 3))(x)
+    x = layers.Reshape((x.shape[1], x.shape[2] * x.shape[3]))(x)
+    x = layers.Bidirectional(layers.LSTM(config.lstm_units, return_sequences=True))(x)
+    x = Attention(name="attention")(x)
+    x = layers.Dropout(config.head_dropout)(x)
+    logits = layers.Dense(config.n_classes, name="logits")(x)
+    return keras.Model(inputs, logits, name="ser_cnn_bilstm_attention")

@@ -1,0 +1,380 @@
+"""Training: RAVDESS -> cached features (Ray Data) -> distributed custom train step (Ray Train) -> bundle.
+
+The recipe is the original notebook's: train-only normalization statistics, training-only augmentation
+(Gaussian noise or a random 10% time mask), one-hot targets, balanced class weights with surprise x1.5,
+categorical cross-entropy with label smoothing, Adam, early stopping on validation. Keras 3 `fit` does not
+work under MultiWorkerMirroredStrategy inside Ray Train, so the step is written out with `strategy.run`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.utils.class_weight import compute_class_weight
+
+from ser import bundle, calibration, features, ravdess
+from ser import config as config_io
+from ser.model import ModelConfig
+from ser.predict import normalize
+
+FEATURE_BATCH = 16  # files per Ray Data feature task
+EVAL_BATCH = 256
+
+
+@dataclass
+class AugmentConfig:
+    """Training-only augmentation, applied to normalized log-mels."""
+
+    probability: float = 1.0  # share of training samples augmented in an epoch
+    noise_std: float = 0.1  # Gaussian noise, in units of the normalized feature
+    time_mask_fraction: float = 0.1  # width of the zeroed time slice
+
+
+@dataclass
+class TrainConfig:
+    """Everything `ser train` needs; configs/train.yaml documents each key."""
+
+    data_dir: str = "../shared/data/ravdess"
+    protocol: str = "actors"
+    output: str = "runs/models/ravdess-{protocol}"
+    name: str = "ravdess-{protocol}"
+    num_workers: int = 1
+    cpus_per_worker: int | None = None
+    use_gpu: bool = False
+    epochs: int = 35
+    batch_size: int = 32
+    learning_rate: float = 0.001
+    label_smoothing: float = 0.1
+    patience: int = 8
+    surprise_weight: float = 1.5
+    normalization: str = "global"
+    seed: int = 42
+    max_files: int | None = None
+    cache_dir: str = "~/.cache/ser/features"
+    storage_path: str = "runs/ray"
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+    def __post_init__(self) -> None:
+        if self.protocol not in ravdess.PROTOCOLS:
+            raise ValueError(f"protocol: unknown {self.protocol!r}; choose one of {', '.join(ravdess.PROTOCOLS)}")
+        if self.normalization not in ("global", "per_band"):
+            raise ValueError(f"normalization: expected 'global' or 'per_band', got {self.normalization!r}")
+        if self.batch_size % self.num_workers:
+            raise ValueError(f"batch_size {self.batch_size} must divide evenly over {self.num_workers} workers")
+
+
+# ---------------------------------------------------------------- data
+
+
+@dataclass
+class FeatureSet:
+    """Windows of every indexed file: features (n_windows, 128, 128) and the owning row of each window."""
+
+    features: np.ndarray
+    file_index: np.ndarray
+
+
+def data_fingerprint(table: pd.DataFrame) -> str:
+    """Hash of (relative path, content hash) over the index: identifies the exact training data."""
+    root = os.path.commonpath(table["path"].tolist()) if len(table) > 1 else ""
+    lines = sorted(f"{os.path.relpath(p, root)} {s}" for p, s in zip(table["path"], table["sha256"], strict=True))
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def _featurize(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Ray Data stage: paths -> one row per window (the shared feature stage, nothing else)."""
+    rows, feats = [], []
+    for row, path in zip(batch["row"], batch["path"], strict=True):
+        window_feats, _, _ = features.file_features(str(path))
+        rows.extend([row] * len(window_feats))
+        feats.append(window_feats)
+    return {"row": np.asarray(rows, dtype=np.int64), "features": np.concatenate(feats)}
+
+
+def extract_features(table: pd.DataFrame, cache_dir: str | Path) -> FeatureSet:
+    """Features for every row of `table`, computed once with Ray Data and cached on disk."""
+    import ray
+
+    key = f"{data_fingerprint(table)[:16]}-{features.feature_config_hash()}"
+    cache = Path(cache_dir).expanduser() / key
+    if (cache / "features.npy").is_file():
+        return FeatureSet(np.load(cache / "features.npy"), np.load(cache / "file_index.npy"))
+    items = [{"row": i, "path": p} for i, p in enumerate(table["path"])]
+    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items) // FEATURE_BATCH)).map_batches(
+        _featurize, batch_size=FEATURE_BATCH, batch_format="numpy"
+    )
+    rows, feats = [], []
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        rows.append(batch["row"])
+        feats.append(batch["features"])
+    file_index, stacked = np.concatenate(rows), np.concatenate(feats).astype(np.float32)
+    order = np.argsort(file_index, kind="stable")
+    result = FeatureSet(stacked[order], file_index[order])
+    tmp = Path(tempfile.mkdtemp(dir=cache.parent if cache.parent.exists() else None))
+    np.save(tmp / "features.npy", result.features)
+    np.save(tmp / "file_index.npy", result.file_index)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    if not cache.exists():
+        shutil.move(str(tmp), cache)
+    return result
+
+
+def class_weights(labels: np.ndarray, n_classes: int, surprise_weight: float) -> np.ndarray:
+    """sklearn 'balanced' weights over the training labels, with the surprised class scaled up."""
+    weights = compute_class_weight("balanced", classes=np.arange(n_classes), y=labels)
+    weights[ravdess.EMOTIONS.index("surprised")] *= surprise_weight
+    return weights.astype(np.float32)
+
+
+def normalization_stats(feats: np.ndarray, mode: str) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std over training windows: one scalar ('global') or one per mel band ('per_band')."""
+    axes = (0, 1, 2) if mode == "global" else (0, 2)
+    mean = feats.mean(axis=axes, dtype=np.float64)
+    std = feats.std(axis=axes, dtype=np.float64) + 1e-6
+    shape = () if mode == "global" else (features.N_MELS, 1)
+    return mean.reshape(shape).astype(np.float32), std.reshape(shape).astype(np.float32)
+
+
+def augment(batch: np.ndarray, rng: np.random.Generator, config: AugmentConfig) -> np.ndarray:
+    """Per sample, with probability p: Gaussian noise OR a zeroed random time slice (50/50)."""
+    batch = batch.copy()
+    width = max(1, int(round(features.N_FRAMES * config.time_mask_fraction)))
+    for sample in batch:
+        if rng.random() >= config.probability:
+            continue
+        if rng.random() < 0.5:
+            sample += rng.normal(0.0, config.noise_std, sample.shape).astype(np.float32)
+        else:
+            start = rng.integers(0, features.N_FRAMES - width + 1)
+            sample[:, start : start + width] = 0.0
+    return batch
+
+
+def one_window_per_file(file_of_window: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Indices of one random window per file, shuffled: every epoch sees each file once, at a random offset."""
+    order = rng.permutation(len(file_of_window))
+    _, first = np.unique(file_of_window[order], return_index=True)
+    chosen = order[first]
+    rng.shuffle(chosen)
+    return chosen
+
+
+# ---------------------------------------------------------------- the worker loop
+
+
+def _window_logits(model, feats: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    out = [
+        model(normalize(feats[i : i + EVAL_BATCH], mean, std), training=False).numpy()
+        for i in range(0, len(feats), EVAL_BATCH)
+    ]
+    return np.concatenate(out)
+
+
+def _file_scores(window_logits: np.ndarray, owner: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> dict:
+    probs = calibration.file_probabilities(window_logits, owner, len(labels), temperature)
+    return {
+        "accuracy": float((probs.argmax(axis=1) == labels).mean()),
+        "nll": calibration.nll(probs, labels),
+        "ece": calibration.expected_calibration_error(probs, labels),
+    }
+
+
+def train_loop_per_worker(cfg: dict) -> None:
+    """Runs on each Ray Train worker: custom distributed step, early stopping, calibration, bundle checkpoint."""
+    import keras
+    import ray
+    import ray.train
+    import tensorflow as tf
+
+    from ser.model import build_model
+
+    config: TrainConfig = cfg["config"]
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    threads = cfg["threads"]
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(threads)
+    for gpu in tf.config.list_physical_devices("GPU"):
+        tf.config.experimental.set_memory_growth(gpu, True)
+    keras.utils.set_random_seed(config.seed)
+
+    data = ray.get(cfg["data"])
+    feats, owner, labels, sides = data["features"], data["file_index"], data["labels"], data["sides"]
+    mean, std, weights = data["mean"], data["std"], data["class_weights"]
+    train_windows = np.flatnonzero(sides[owner] == "train")
+    val_files = np.flatnonzero(sides == "validation")
+    val_windows = np.flatnonzero(sides[owner] == "validation")
+    val_owner = np.searchsorted(val_files, owner[val_windows])
+    val_labels = labels[val_files]
+
+    strategy = tf.distribute.MultiWorkerMirroredStrategy() if world > 1 else tf.distribute.get_strategy()
+    n_classes = config.model.n_classes
+    global_batch, local_batch = config.batch_size, config.batch_size // world
+    with strategy.scope():
+        model = build_model(config.model)
+        optimizer = keras.optimizers.Adam(config.learning_rate)
+        loss_fn = keras.losses.CategoricalCrossentropy(
+            from_logits=True, label_smoothing=config.label_smoothing, reduction="none"
+        )
+
+    def step(x, y, w):
+        with tf.GradientTape() as tape:
+            per_sample = loss_fn(y, model(x, training=True)) * w
+            loss = tf.nn.compute_average_loss(per_sample, global_batch_size=global_batch)
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        return loss
+
+    @tf.function(reduce_retracing=True)
+    def distributed_step(x, y, w):
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(step, args=(x, y, w)), axis=None)
+
+    eye = np.eye(n_classes, dtype=np.float32)
+    history, best, best_weights, since_best = [], None, None, 0
+    for epoch in range(config.epochs):
+        started = time.perf_counter()
+        rng = np.random.default_rng(config.seed * 1000 + epoch)  # same on every worker: same epoch order
+        chosen = one_window_per_file(owner[train_windows], rng)
+        steps = len(chosen) // global_batch
+        mine = chosen[rank::world][: steps * local_batch]
+        worker_rng = np.random.default_rng((config.seed, epoch, rank))
+        total = 0.0
+        for s in range(steps):
+            idx = train_windows[mine[s * local_batch : (s + 1) * local_batch]]
+            x = augment(normalize(feats[idx], mean, std), worker_rng, config.augment)
+            y = labels[owner[idx]]
+            total += float(distributed_step(tf.constant(x), tf.constant(eye[y]), tf.constant(weights[y])))
+        seconds = time.perf_counter() - started
+        scores = _file_scores(_window_logits(model, feats[val_windows], mean, std), val_owner, val_labels)
+        record = {
+            "epoch": epoch + 1,
+            "train_loss": total / max(steps, 1),
+            "val_accuracy": scores["accuracy"],
+            "val_nll": scores["nll"],
+            "epoch_seconds": seconds,
+            "samples_per_second": steps * global_batch / seconds,
+        }
+        history.append(record)
+        if rank == 0:
+            print(
+                f"epoch {record['epoch']:>3}/{config.epochs}  loss {record['train_loss']:.4f}  "
+                f"val acc {record['val_accuracy']:.4f}  val nll {record['val_nll']:.4f}  {seconds:.1f}s",
+                flush=True,
+            )
+        if best is None or (scores["accuracy"], -scores["nll"]) > (best["val_accuracy"], -best["val_nll"]):
+            best, best_weights, since_best = record, model.get_weights(), 0
+        else:
+            since_best += 1
+        stop = since_best >= config.patience or epoch + 1 == config.epochs
+        if not stop:
+            ray.train.report(record)
+            continue
+        model.set_weights(best_weights)
+        val_logits = _window_logits(model, feats[val_windows], mean, std)
+        temperature = calibration.fit_temperature(val_logits, val_owner, val_labels)
+        before = _file_scores(val_logits, val_owner, val_labels)
+        after = _file_scores(val_logits, val_owner, val_labels, temperature)
+        card = {
+            **cfg["card"],
+            "history": history,
+            "best_epoch": best["epoch"],
+            "validation": {"before_calibration": before, "after_calibration": after},
+            "calibration": {"method": "temperature", "temperature": temperature, "fit_on": "validation"},
+        }
+        checkpoint = None
+        if rank == 0:
+            out = Path(tempfile.mkdtemp(prefix="ser-bundle-"))
+            bundle.save(out, model, mean, std, card)
+            checkpoint = ray.train.Checkpoint.from_directory(str(out))
+        ray.train.report({**record, "val_accuracy_best": best["val_accuracy"]}, checkpoint=checkpoint)
+        break
+
+
+# ---------------------------------------------------------------- the driver
+
+
+def prepare(config: TrainConfig) -> tuple[pd.DataFrame, FeatureSet]:
+    """Index the data, split it under the protocol, and extract (or load cached) features."""
+    table = ravdess.index(config.data_dir)
+    table["split"] = ravdess.split(table, config.protocol)
+    if config.max_files:  # a small, deterministic subset for smoke tests
+        per_side = max(1, config.max_files // 3)
+        parts = [part.sample(min(len(part), per_side), random_state=config.seed) for _, part in table.groupby("split")]
+        table = pd.concat(parts).sort_values("path").reset_index(drop=True)
+    return table, extract_features(table, config.cache_dir)
+
+
+def train(config: TrainConfig, address: str | None = None) -> tuple[Path, dict]:
+    """Run the Ray Train job; returns the bundle folder and its model card."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.tensorflow import TensorflowTrainer
+
+    run_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+    name = config.name.format(protocol=config.protocol)
+    output = Path(config.output.format(protocol=config.protocol, run_id=run_id))
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False)
+    started = time.perf_counter()
+    table, feature_set = prepare(config)
+    labels = table["emotion"].map(ravdess.EMOTIONS.index).to_numpy()
+    sides = table["split"].to_numpy()
+    train_mask = sides[feature_set.file_index] == "train"
+    mean, std = normalization_stats(feature_set.features[train_mask], config.normalization)
+    data_ref = ray.put(
+        {
+            "features": feature_set.features,
+            "file_index": feature_set.file_index,
+            "labels": labels,
+            "sides": sides,
+            "mean": mean,
+            "std": std,
+            "class_weights": class_weights(labels[sides == "train"], config.model.n_classes, config.surprise_weight),
+        }
+    )
+    card = {
+        "name": name,
+        "run_id": run_id,
+        "classes": list(ravdess.EMOTIONS),
+        "model_config": config.model.to_dict(),
+        "train_config": config_io.to_dict(config),
+        "protocol": config.protocol,
+        "split": {side: int((sides == side).sum()) for side in ("train", "validation", "test")},
+        "test_actors": sorted(ravdess.ACTORS_TEST) if config.protocol == "actors" else None,
+        "data_fingerprint": data_fingerprint(table),
+        "n_files": len(table),
+        "n_windows": len(feature_set.features),
+        "num_workers": config.num_workers,
+    }
+    cpus = config.cpus_per_worker or max(1, int(ray.cluster_resources().get("CPU", 1)) // config.num_workers)
+    trainer = TensorflowTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": config, "data": data_ref, "card": card, "threads": cpus},
+        scaling_config=ScalingConfig(
+            num_workers=config.num_workers, use_gpu=config.use_gpu, resources_per_worker={"CPU": cpus}
+        ),
+        run_config=RunConfig(name=run_id, storage_path=str(Path(config.storage_path).resolve())),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training run {run_id} finished without a model checkpoint: {result.error}")
+    with result.checkpoint.as_directory() as checkpoint_dir:
+        if output.exists():
+            shutil.rmtree(output)
+        shutil.copytree(checkpoint_dir, output)
+    final = bundle.read_card(output)
+    final["train_seconds"] = round(time.perf_counter() - started, 1)
+    bundle.write_card(output, final)
+    return output, final
+
