@@ -55,7 +55,8 @@ def decode(data: bytes | str, name: str = "") -> tuple[np.ndarray, AudioInfo]:
     try:
         samples, rate = sf.read(source, dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
-        raise DecodeError(f"not a readable audio file ({_first_line(exc)})") from None
+        reason = getattr(exc, "error_string", None) or _first_line(exc)  # libsndfile's reason, without the repr
+        raise DecodeError(f"not a readable audio file ({reason})") from None
     except OSError as exc:
         raise DecodeError(f"cannot read {label}: {exc.strerror or exc}") from None
     channels = samples.shape[1]

@@ -22,7 +22,9 @@ MEAN_FILE = "train_mean.npy"
 STD_FILE = "train_std.npy"
 CARD_FILE = "model.json"
 FORMAT_VERSION = 1
-LICENCE = "Weights trained on RAVDESS (CC BY-NC-SA 4.0): non-commercial use, share alike, attribute Livingstone & Russo 2018."
+LICENCE = (
+    "Weights trained on RAVDESS (CC BY-NC-SA 4.0): non-commercial use, share alike, attribute Livingstone & Russo 2018."
+)
 
 # The default model of every command, shipped in the repository.
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
@@ -78,7 +80,7 @@ def save(path: str | Path, model, mean: np.ndarray, std: np.ndarray, card: dict)
     card = {
         "format_version": FORMAT_VERSION,
         "ser_version": __version__,
-        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "feature_config": features.feature_config(),
         "feature_config_hash": features.feature_config_hash(),
         "licence": LICENCE,
@@ -120,7 +122,9 @@ def load(path: str | Path = DEFAULT_MODEL) -> Bundle:
             raise BundleError(f"{path}: missing {name}")
         expected = card.get("files", {}).get(name)
         if expected != sha256_file(path / name):
-            raise BundleError(f"{path / name}: sha256 does not match {CARD_FILE} (tampered or corrupt); refusing to load")
+            raise BundleError(
+                f"{path / name}: sha256 does not match {CARD_FILE} (tampered or corrupt); refusing to load"
+            )
     if card.get("feature_config_hash") != features.feature_config_hash():
         raise BundleError(
             f"{path}: made for feature config {card.get('feature_config_hash')}, "

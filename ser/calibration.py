@@ -16,7 +16,9 @@ def nll(probs: np.ndarray, labels: np.ndarray) -> float:
     return float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)).mean())
 
 
-def file_probabilities(window_logits: np.ndarray, file_index: np.ndarray, n_files: int, temperature: float) -> np.ndarray:
+def file_probabilities(
+    window_logits: np.ndarray, file_index: np.ndarray, n_files: int, temperature: float
+) -> np.ndarray:
     """Calibrated per-file probabilities: softmax(logits / T) per window, averaged per file."""
     return mean_by_file(softmax(window_logits, temperature), file_index, n_files)
 

@@ -44,7 +44,9 @@ def evaluate(predictor: Predictor, data_dir: str | Path, protocol: str) -> dict:
     logits = predictor.logits(np.concatenate(feats))
     labels = test["emotion"].map(predictor.classes.index).to_numpy()
     owners = np.asarray(owners)
-    result = metrics(calibration.file_probabilities(logits, owners, len(test), predictor.temperature), labels, predictor.classes)
+    result = metrics(
+        calibration.file_probabilities(logits, owners, len(test), predictor.temperature), labels, predictor.classes
+    )
     uncalibrated = calibration.file_probabilities(logits, owners, len(test), 1.0)
     result.update(
         {

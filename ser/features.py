@@ -12,6 +12,7 @@ from functools import lru_cache
 
 import librosa
 import numpy as np
+from threadpoolctl import ThreadpoolController
 
 from ser import audio
 
@@ -54,6 +55,11 @@ def mel_filters() -> np.ndarray:
     return librosa.filters.mel(sr=audio.SAMPLE_RATE, n_fft=N_FFT, n_mels=N_MELS).astype(np.float32)
 
 
+@lru_cache(maxsize=1)
+def _threadpools() -> ThreadpoolController:
+    return ThreadpoolController()
+
+
 def log_mel_batch(windows: np.ndarray) -> np.ndarray:
     """(batch, N_SAMPLES) float32 windows -> (batch, N_MELS, N_FRAMES) float32 log-mel in [-TOP_DB, 0] dB."""
     windows = np.asarray(windows, dtype=np.float32)
@@ -61,7 +67,10 @@ def log_mel_batch(windows: np.ndarray) -> np.ndarray:
         raise ValueError(f"expected windows of shape (batch, {audio.N_SAMPLES}), got {windows.shape}")
     spectrum = librosa.stft(windows, n_fft=N_FFT, hop_length=HOP_LENGTH)
     power = np.abs(spectrum) ** 2
-    mel = np.matmul(mel_filters(), power)
+    # One BLAS thread: a threaded float32 matmul sums in an order set by the thread count (1 in a Ray worker,
+    # all cores in a driver), which changed the features' last bits from one path to another.
+    with _threadpools().limit(limits=1, user_api="blas"):
+        mel = np.matmul(mel_filters(), power)
     db = 10.0 * np.log10(np.maximum(mel, AMIN))
     db -= db.max(axis=(1, 2), keepdims=True)
     return np.maximum(db, -TOP_DB).astype(np.float32)

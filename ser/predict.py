@@ -56,7 +56,7 @@ class FilePrediction:
             "label": self.label,
             "confidence": round(self.confidence, 6),
             "probabilities": {k: round(v, 6) for k, v in self.probabilities.items()},
-            "n_windows": int(len(self.window_starts)),
+            "n_windows": len(self.window_starts),
             "duration_s": round(self.info.duration_s, 3),
         }
 
@@ -64,7 +64,9 @@ class FilePrediction:
 class Predictor:
     """A loaded bundle ready for batched inference."""
 
-    def __init__(self, model_dir: str | Path | bundle.Bundle = bundle.DEFAULT_MODEL, batch_size: int = DEFAULT_BATCH_SIZE):
+    def __init__(
+        self, model_dir: str | Path | bundle.Bundle = bundle.DEFAULT_MODEL, batch_size: int = DEFAULT_BATCH_SIZE
+    ):
         import tensorflow as tf
 
         self.bundle = model_dir if isinstance(model_dir, bundle.Bundle) else bundle.load(model_dir)
@@ -88,12 +90,16 @@ class Predictor:
         """(n, 128, 128) log-mels -> (n, n_classes) calibrated probabilities."""
         return softmax(self.logits(feats), self.temperature)
 
-    def predict_features(self, feats: np.ndarray, starts: np.ndarray, info: audio.AudioInfo, path: str) -> FilePrediction:
+    def predict_features(
+        self, feats: np.ndarray, starts: np.ndarray, info: audio.AudioInfo, path: str
+    ) -> FilePrediction:
         """One file's windows -> its prediction (mean of window probabilities)."""
         window_probs = self.probabilities(feats)
         return self._file_prediction(path, window_probs, starts, info)
 
-    def _file_prediction(self, path: str, window_probs: np.ndarray, starts: np.ndarray, info: audio.AudioInfo) -> FilePrediction:
+    def _file_prediction(
+        self, path: str, window_probs: np.ndarray, starts: np.ndarray, info: audio.AudioInfo
+    ) -> FilePrediction:
         probs = window_probs.mean(axis=0)
         best = int(probs.argmax())
         return FilePrediction(

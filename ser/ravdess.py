@@ -41,7 +41,9 @@ def parse_name(path: str | Path) -> dict:
     stem = Path(path).stem
     match = _NAME.match(stem)
     if not match:
-        raise RavdessNameError(f"{Path(path).name}: not a RAVDESS name (expected MM-VV-EE-II-SS-RR-AA, 7 two-digit fields)")
+        raise RavdessNameError(
+            f"{Path(path).name}: not a RAVDESS name (expected MM-VV-EE-II-SS-RR-AA, 7 two-digit fields)"
+        )
     modality, channel, emotion, intensity, statement, repetition, actor = match.groups()
     checks = {
         "modality": (modality, MODALITIES),
@@ -92,11 +94,13 @@ def split(table: pd.DataFrame, protocol: str) -> pd.Series:
 def _seed_split(table: pd.DataFrame) -> pd.Series:
     # Split unique recordings (content hash), so byte-identical files always land on the same side.
     groups = table.drop_duplicates("sha256")
-    train, test = train_test_split(
-        groups, test_size=SEED_TEST_FRACTION, stratify=groups["emotion"], random_state=SEED
-    )
+    train, test = train_test_split(groups, test_size=SEED_TEST_FRACTION, stratify=groups["emotion"], random_state=SEED)
     train, validation = train_test_split(
         train, test_size=SEED_VALIDATION_FRACTION, stratify=train["emotion"], random_state=SEED
     )
-    side = {sha: name for name, part in (("train", train), ("validation", validation), ("test", test)) for sha in part["sha256"]}
+    side = {
+        sha: name
+        for name, part in (("train", train), ("validation", validation), ("test", test))
+        for sha in part["sha256"]
+    }
     return table["sha256"].map(side).rename("split")

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.utils.class_weight import compute_class_weight
 
 from ser import bundle, calibration, features, ravdess
 from ser import config as config_io
@@ -38,6 +37,11 @@ class AugmentConfig:
     probability: float = 1.0  # share of training samples augmented in an epoch
     noise_std: float = 0.1  # Gaussian noise, in units of the normalized feature
     time_mask_fraction: float = 0.1  # width of the zeroed time slice
+    freq_masks: int = 0  # SpecAugment: this many extra zeroed mel-band stripes per sample ...
+    freq_mask_max: int = 16  # ... each up to this many bands wide
+    time_masks: int = 0  # SpecAugment: this many extra zeroed time stripes per sample ...
+    time_mask_max: int = 16  # ... each up to this many frames wide
+    mixup_alpha: float = 0.0  # mixup: Beta(alpha, alpha) blend of pairs of samples and targets; 0 = off
 
 
 @dataclass
@@ -54,6 +58,7 @@ class TrainConfig:
     epochs: int = 35
     batch_size: int = 32
     learning_rate: float = 0.001
+    lr_schedule: str = "constant"  # constant, or cosine (decay to 5% over the maximum epochs)
     label_smoothing: float = 0.1
     patience: int = 8
     surprise_weight: float = 1.5
@@ -70,6 +75,8 @@ class TrainConfig:
             raise ValueError(f"protocol: unknown {self.protocol!r}; choose one of {', '.join(ravdess.PROTOCOLS)}")
         if self.normalization not in ("global", "per_band"):
             raise ValueError(f"normalization: expected 'global' or 'per_band', got {self.normalization!r}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule: expected 'constant' or 'cosine', got {self.lr_schedule!r}")
         if self.batch_size % self.num_workers:
             raise ValueError(f"batch_size {self.batch_size} must divide evenly over {self.num_workers} workers")
 
@@ -131,8 +138,9 @@ def extract_features(table: pd.DataFrame, cache_dir: str | Path) -> FeatureSet:
 
 
 def class_weights(labels: np.ndarray, n_classes: int, surprise_weight: float) -> np.ndarray:
-    """sklearn 'balanced' weights over the training labels, with the surprised class scaled up."""
-    weights = compute_class_weight("balanced", classes=np.arange(n_classes), y=labels)
+    """'balanced' weights n / (k * count) over the training labels (a class absent from them gets n / k),
+    with the surprised class scaled up."""
+    weights = len(labels) / (n_classes * np.maximum(np.bincount(labels, minlength=n_classes), 1.0))
     weights[ravdess.EMOTIONS.index("surprised")] *= surprise_weight
     return weights.astype(np.float32)
 
@@ -149,7 +157,7 @@ def normalization_stats(feats: np.ndarray, mode: str) -> tuple[np.ndarray, np.nd
 def augment(batch: np.ndarray, rng: np.random.Generator, config: AugmentConfig) -> np.ndarray:
     """Per sample, with probability p: Gaussian noise OR a zeroed random time slice (50/50)."""
     batch = batch.copy()
-    width = max(1, int(round(features.N_FRAMES * config.time_mask_fraction)))
+    width = max(1, round(features.N_FRAMES * config.time_mask_fraction))
     for sample in batch:
         if rng.random() >= config.probability:
             continue
@@ -158,7 +166,28 @@ def augment(batch: np.ndarray, rng: np.random.Generator, config: AugmentConfig) 
         else:
             start = rng.integers(0, features.N_FRAMES - width + 1)
             sample[:, start : start + width] = 0.0
+    for sample in batch:
+        for axis, count, widest in (
+            (0, config.freq_masks, config.freq_mask_max),
+            (1, config.time_masks, config.time_mask_max),
+        ):
+            for _ in range(count):
+                size = rng.integers(0, widest + 1)
+                start = rng.integers(0, sample.shape[axis] - size + 1)
+                sample[(slice(None),) * axis + (slice(start, start + size),)] = 0.0
     return batch
+
+
+def mixup(x: np.ndarray, y: np.ndarray, w: np.ndarray, rng: np.random.Generator, alpha: float):
+    """Blend each sample, one-hot target and loss weight with a random partner (Zhang et al. 2018)."""
+    lam = rng.beta(alpha, alpha, size=len(x)).astype(np.float32)
+    partner = rng.permutation(len(x))
+
+    def blend(values: np.ndarray) -> np.ndarray:
+        weight = lam.reshape(-1, *[1] * (values.ndim - 1))
+        return weight * values + (1 - weight) * values[partner]
+
+    return blend(x), blend(y), blend(w)
 
 
 def one_window_per_file(file_of_window: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -171,6 +200,16 @@ def one_window_per_file(file_of_window: np.ndarray, rng: np.random.Generator) ->
 
 
 # ---------------------------------------------------------------- the worker loop
+
+
+def learning_rate_schedule(config: TrainConfig, n_train_files: int):
+    """Adam's learning rate: a constant, or cosine decay to 5% over the maximum number of steps."""
+    if config.lr_schedule == "constant":
+        return config.learning_rate
+    import keras
+
+    total_steps = max(1, config.epochs * (n_train_files // config.batch_size))
+    return keras.optimizers.schedules.CosineDecay(config.learning_rate, decay_steps=total_steps, alpha=0.05)
 
 
 def _window_logits(model, feats: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
@@ -223,7 +262,7 @@ def train_loop_per_worker(cfg: dict) -> None:
     global_batch, local_batch = config.batch_size, config.batch_size // world
     with strategy.scope():
         model = build_model(config.model)
-        optimizer = keras.optimizers.Adam(config.learning_rate)
+        optimizer = keras.optimizers.Adam(learning_rate_schedule(config, len(np.unique(owner[train_windows]))))
         loss_fn = keras.losses.CategoricalCrossentropy(
             from_logits=True, label_smoothing=config.label_smoothing, reduction="none"
         )
@@ -233,7 +272,7 @@ def train_loop_per_worker(cfg: dict) -> None:
             per_sample = loss_fn(y, model(x, training=True)) * w
             loss = tf.nn.compute_average_loss(per_sample, global_batch_size=global_batch)
         grads = tape.gradient(loss, model.trainable_variables)
-        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=False))
         return loss
 
     @tf.function(reduce_retracing=True)
@@ -253,8 +292,10 @@ def train_loop_per_worker(cfg: dict) -> None:
         for s in range(steps):
             idx = train_windows[mine[s * local_batch : (s + 1) * local_batch]]
             x = augment(normalize(feats[idx], mean, std), worker_rng, config.augment)
-            y = labels[owner[idx]]
-            total += float(distributed_step(tf.constant(x), tf.constant(eye[y]), tf.constant(weights[y])))
+            y, w = eye[labels[owner[idx]]], weights[labels[owner[idx]]]
+            if config.augment.mixup_alpha > 0:
+                x, y, w = mixup(x, y, w, worker_rng, config.augment.mixup_alpha)
+            total += float(distributed_step(tf.constant(x), tf.constant(y), tf.constant(w)))
         seconds = time.perf_counter() - started
         scores = _file_scores(_window_logits(model, feats[val_windows], mean, std), val_owner, val_labels)
         record = {
@@ -321,7 +362,7 @@ def train(config: TrainConfig, address: str | None = None) -> tuple[Path, dict]:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.tensorflow import TensorflowTrainer
 
-    run_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+    run_id = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
     name = config.name.format(protocol=config.protocol)
     output = Path(config.output.format(protocol=config.protocol, run_id=run_id))
     if not ray.is_initialized():
@@ -377,4 +418,3 @@ def train(config: TrainConfig, address: str | None = None) -> tuple[Path, dict]:
     final["train_seconds"] = round(time.perf_counter() - started, 1)
     bundle.write_card(output, final)
     return output, final
-
