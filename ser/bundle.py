@@ -26,9 +26,9 @@ LICENCE = (
     "Weights trained on RAVDESS (CC BY-NC-SA 4.0): non-commercial use, share alike, attribute Livingstone & Russo 2018."
 )
 
-# The default model of every command, shipped in the repository.
+# The default model of every command: $SER_MODEL, else the bundle shipped in the repository's models/.
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
-DEFAULT_MODEL = MODELS_DIR / "ravdess-actors"
+DEFAULT_MODEL = Path(os.environ.get("SER_MODEL") or MODELS_DIR / "ravdess-actors")
 
 
 class BundleError(ValueError):

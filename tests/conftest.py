@@ -63,3 +63,22 @@ def shipped_model() -> Path:
     if not (path / "model.json").is_file():
         pytest.skip("shipped model models/ravdess-actors is missing")
     return path
+
+
+def write_ravdess_like(root: Path, n: int = 24, seconds: float = 2.0) -> list[Path]:
+    """n generated clips named like RAVDESS speech: clip i has emotion i % 8 + 1 and actor i % 24 + 1."""
+    names = [f"03-01-{i % 8 + 1:02d}-01-01-01-{i % 24 + 1:02d}.wav" for i in range(n)]
+    return [write_audio(root / name, seconds, seed=i) for i, name in enumerate(names)]
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """One local 2-CPU Ray instance for the tests that need Ray; shut down after the session."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    if started:
+        ray.shutdown()

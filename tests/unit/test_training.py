@@ -1,0 +1,123 @@
+"""ser.training: the recipe's pieces, and distributed smoke runs of the Ray Train job on local Ray."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import write_ravdess_like
+from sklearn.utils.class_weight import compute_class_weight
+
+from ser import bundle, calibration, features, ravdess, training
+from ser.model import ModelConfig
+
+
+@pytest.mark.parametrize("counts", [[10, 20, 10, 10, 40, 10, 10, 20], [3, 0, 2, 2, 1, 0, 1, 1]], ids=["all", "absent"])
+def test_class_weights_balanced_with_surprise_boost(counts):
+    labels = np.repeat(np.arange(8), counts)
+    weights = training.class_weights(labels, 8, surprise_weight=1.5)
+    balanced = len(labels) / (8 * np.maximum(counts, 1))  # sklearn's 'balanced' where a class is present
+    if all(counts):
+        np.testing.assert_allclose(balanced, compute_class_weight("balanced", classes=np.arange(8), y=labels))
+    surprised = ravdess.EMOTIONS.index("surprised")
+    np.testing.assert_allclose(weights, np.where(np.arange(8) == surprised, 1.5, 1.0) * balanced, rtol=1e-6)
+    assert weights.dtype == np.float32
+
+
+def test_augment_adds_noise_or_masks_ten_percent_of_time():
+    batch = np.ones((64, *features.FEATURE_SHAPE), np.float32)
+    out = training.augment(batch, np.random.default_rng(0), training.AugmentConfig())
+    assert out.shape == batch.shape and out.dtype == np.float32
+    assert (batch == 1).all()  # the input is left alone
+    kinds = []
+    for sample in out:
+        masked = np.flatnonzero((sample == 0).all(axis=0))
+        if masked.size:
+            assert masked.size == round(0.1 * features.N_FRAMES) and np.ptp(masked) == masked.size - 1
+            assert (np.delete(sample, masked, axis=1) == 1).all()
+            kinds.append("mask")
+        else:
+            assert (sample != 1).all() and abs(sample.std() - 0.1) < 0.01
+            kinds.append("noise")
+    assert 16 < kinds.count("mask") < 48
+
+
+def test_augment_probability_zero_is_identity():
+    batch = np.random.default_rng(1).standard_normal((4, *features.FEATURE_SHAPE)).astype(np.float32)
+    out = training.augment(batch, np.random.default_rng(0), training.AugmentConfig(probability=0.0))
+    np.testing.assert_array_equal(out, batch)
+
+
+def test_one_window_per_file():
+    owner = np.array([0, 0, 0, 1, 2, 2, 5, 5, 5, 5])
+    picks = set()
+    for seed in range(50):
+        chosen = training.one_window_per_file(owner, np.random.default_rng(seed))
+        assert sorted(owner[chosen]) == [0, 1, 2, 5]
+        picks.update(chosen.tolist())
+    assert picks == set(range(len(owner)))  # every window gets its turn across epochs
+
+
+@pytest.mark.parametrize(("mode", "shape"), [("global", ()), ("per_band", (features.N_MELS, 1))])
+def test_normalization_stats(mode, shape):
+    rng = np.random.default_rng(0)
+    band_offset = np.linspace(-60, -10, features.N_MELS, dtype=np.float32)[:, None]
+    feats = rng.normal(0, 5, (20, *features.FEATURE_SHAPE)).astype(np.float32) + band_offset
+    mean, std = training.normalization_stats(feats, mode)
+    assert mean.shape == std.shape == shape and mean.dtype == std.dtype == np.float32
+    normalized = (feats - mean) / std
+    axes = (0, 1, 2) if mode == "global" else (0, 2)
+    np.testing.assert_allclose(normalized.mean(axis=axes), 0, atol=1e-4)
+    np.testing.assert_allclose(normalized.std(axis=axes), 1, atol=1e-4)
+
+
+# ---------------------------------------------------------------- the Ray Train job, end to end on local Ray
+
+
+@pytest.fixture(scope="module")
+def feature_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("features")
+
+
+@pytest.fixture(scope="module")
+def generated_corpus(tmp_path_factory):
+    """24 generated clips named like RAVDESS: all 8 emotions, actors 1-24 (train 16, validation 4, test 4)."""
+    root = tmp_path_factory.mktemp("corpus")
+    write_ravdess_like(root, n=24, seconds=2.0)
+    return root
+
+
+def _smoke_train(tmp_path, feature_cache, **values):
+    config = training.TrainConfig(
+        epochs=1,
+        batch_size=8,
+        output=str(tmp_path / "bundle"),
+        cache_dir=str(feature_cache),
+        storage_path=str(tmp_path / "ray"),
+        model=ModelConfig(conv_filters=(4, 8, 8), lstm_units=8),
+        **values,
+    )
+    out, card = training.train(config)
+    loaded = bundle.load(out)
+    assert loaded.card == card and card["num_workers"] == values["num_workers"]
+    assert [row["epoch"] for row in card["history"]] == [1] and "train_loss" in card["history"][0]
+    low, high = calibration.TEMPERATURE_BOUNDS
+    assert low <= card["calibration"]["temperature"] <= high
+    assert loaded.temperature == card["calibration"]["temperature"]
+    assert sum(card["split"].values()) == card["n_files"]
+    return card
+
+
+def test_train_distributed_on_generated_corpus(tmp_path, feature_cache, generated_corpus, local_ray):
+    card = _smoke_train(tmp_path, feature_cache, data_dir=str(generated_corpus), protocol="actors", num_workers=2)
+    assert card["split"] == {"train": 16, "validation": 4, "test": 4}
+    assert card["test_actors"] == [21, 22, 23, 24]
+
+
+@pytest.mark.data
+# 2 workers on real data is slow-only: the distributed step is covered by the generated corpus above.
+@pytest.mark.parametrize("num_workers", [pytest.param(2, marks=pytest.mark.slow), 1])
+def test_train_on_ravdess_subset(tmp_path, feature_cache, ravdess_dir, local_ray, num_workers):
+    card = _smoke_train(
+        tmp_path, feature_cache, data_dir=str(ravdess_dir), protocol="seed", max_files=60, num_workers=num_workers
+    )
+    assert card["split"] == {"train": 20, "validation": 20, "test": 20}
