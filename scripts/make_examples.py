@@ -1,6 +1,6 @@
 """Make the example clips shipped in examples/ (synthetic speech from espeak-ng; no corpus audio).
 
-Run from the repository root: `python examples/make_examples.py` (needs the `espeak-ng` program).
+Run from the repository root: `python scripts/make_examples.py` (needs the `espeak-ng` program).
 Each clip exercises one input path of the tool: formats, rates, channels, and a long recording.
 """
 
@@ -14,7 +14,7 @@ import librosa
 import numpy as np
 import soundfile as sf
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parent.parent / "examples"
 
 # name, text, espeak-ng voice, words per minute, pitch (0-99), output rate, channels
 CLIPS = [
