@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import click
@@ -12,11 +13,30 @@ import click
 from ser import __version__, bundle, ravdess
 
 DEFAULT_DATA = "../shared/data/ravdess"
+# TensorFlow's C++ start-up chatter (CUDA probing, CPU features) is noise for a command-line user.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
-def _quiet_tensorflow() -> None:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+def import_tensorflow_quietly() -> None:
+    """Import TensorFlow with its native start-up lines (written before logging is set up) silenced.
+
+    What it printed is shown after all if the import fails.
+    """
+    if "tensorflow" in sys.modules:
+        return
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            import tensorflow  # noqa: F401
+        except BaseException:
+            os.dup2(saved, 2)
+            captured.seek(0)
+            sys.stderr.write(captured.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -24,9 +44,23 @@ def _fail(message: str, code: int = 2) -> None:
     sys.exit(code)
 
 
+def _job_config(cls, path: Path | None, overrides: tuple[str, ...], print_config: bool, **values):
+    """A job's config from defaults <- YAML <- --set <- flags; printed and exit 0 for --print-config, exit 2 if bad."""
+    from ser import config as config_io
+
+    try:
+        cfg = config_io.load(cls, path, overrides, **values)
+    except (config_io.ConfigError, ValueError) as exc:
+        _fail(str(exc))
+    if print_config:
+        click.echo(config_io.dump(cfg), nl=False)
+        sys.exit(0)
+    return cfg
+
+
 def _load_predictor(model: Path):
     """A Predictor for `model`, or a one-line error and exit 2."""
-    _quiet_tensorflow()
+    import_tensorflow_quietly()
     from ser.predict import Predictor
 
     try:
@@ -55,6 +89,8 @@ def main() -> None:
     Label a few files:    ser predict a.wav b.flac
     Train a model:        ser train --config configs/train.yaml   (Ray Train)
     Score a model:        ser evaluate --model models/ravdess-seed --protocol seed
+    Report on the labels: ser report OUT --html report.html
+    Try it in a browser:  ser app                                (Streamlit web demo)
 
     Emotions: neutral, calm, happy, sad, angry, fearful, disgust, surprised. The shipped models are trained
     on RAVDESS (CC BY-NC-SA 4.0, https://zenodo.org/records/1188976): non-commercial use only.
@@ -132,6 +168,50 @@ def evaluate(model: Path, data_dir: Path, protocol: str | None, as_json: bool, h
         click.echo(f"report: {html}")
 
 
+@main.command()
+@click.argument("out", type=str)
+@click.option("--html", "html", type=click.Path(path_type=Path), required=True, help="Write the HTML report here.")
+@click.option("--run", "run", default=None, help="Only this run id [default: the latest result of every file].")
+@click.option("--low-confidence", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              help="Confidence below which a labeled file counts as needing review.")
+def report(out: str, html: Path, run: str | None, low_confidence: float) -> None:
+    """Write a self-contained HTML report on a labeling output folder OUT (local path or s3://...).
+
+    Runs over time (from the run manifests), label distribution, confidence per label, the low-confidence
+    and error shares, the slowest (or longest) files and the error reasons.
+    """
+    from ser.report import results_html
+
+    try:
+        page = results_html(out, run, low_confidence)
+    except (OSError, ValueError) as exc:
+        _fail(str(exc))
+    html.write_text(page)
+    click.echo(f"report: {html}")
+
+
+@main.command()
+@click.option("--model", "model", type=click.Path(path_type=Path), default=bundle.DEFAULT_MODEL, envvar="SER_MODEL",
+              show_default="$SER_MODEL or models/ravdess-actors", help="Model bundle folder.")
+@click.option("--port", type=int, default=8501, show_default=True, help="Port to serve on.")
+@click.option("--address", default="127.0.0.1", show_default=True, help="Interface to listen on (0.0.0.0 in Docker).")
+def app(model: Path, port: int, address: str) -> None:
+    """Start the web demo (Streamlit): upload or record a clip, see its emotion and every class probability."""
+    import importlib.util
+
+    if importlib.util.find_spec("streamlit") is None:
+        _fail("the web demo needs Streamlit: pip install '.[app]'")
+    try:
+        bundle.read_card(model)
+    except bundle.BundleError as exc:
+        _fail(str(exc))
+    script = Path(__file__).with_name("app.py")
+    command = [sys.executable, "-m", "streamlit", "run", str(script), "--server.port", str(port),
+               "--server.address", address, "--server.headless", "true", "--browser.gatherUsageStats", "false",
+               "--client.toolbarMode", "viewer"]
+    os.execve(sys.executable, command, {**os.environ, "SER_MODEL": str(model.resolve())})
+
+
 def _evaluation_table(result: dict, classes: tuple[str, ...]) -> str:
     lines = [
         f"model {result['model']}  protocol {result['protocol']}  test files {result['n']}",
@@ -168,18 +248,11 @@ def train(config_path, protocol, data_dir, output, num_workers, epochs, seed, ov
     custom distributed step; the best epoch on validation is kept and its temperature is fitted on
     validation. Evaluate the result with `ser evaluate --model OUTPUT`.
     """
-    from ser import config as config_io
+    import_tensorflow_quietly()
     from ser.training import TrainConfig
 
-    try:
-        cfg = config_io.load(TrainConfig, config_path, overrides, protocol=protocol, data_dir=data_dir,
-                             output=output, num_workers=num_workers, epochs=epochs, seed=seed)
-    except (config_io.ConfigError, ValueError) as exc:
-        _fail(str(exc))
-    if print_config:
-        click.echo(config_io.dump(cfg), nl=False)
-        return
-    _quiet_tensorflow()
+    cfg = _job_config(TrainConfig, config_path, overrides, print_config, protocol=protocol, data_dir=data_dir,
+                      output=output, num_workers=num_workers, epochs=epochs, seed=seed)
     from ser.training import train as run_training
 
     try:
@@ -192,3 +265,60 @@ def train(config_path, protocol, data_dir, output, num_workers, epochs, seed, ov
                f"ECE {val['ece']:.4f} at temperature {card['calibration']['temperature']:.3f}, "
                f"{card['train_seconds']:.0f} s")
     click.echo(f"next: ser evaluate --model {out} --protocol {cfg.protocol}")
+
+
+@main.command()
+@click.argument("input_spec", metavar="INPUT", required=False)
+@click.option("--output", "-o", default=None, help="Output folder or s3://bucket/prefix (Hive-partitioned Parquet).")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
+              help="YAML config (see configs/label.yaml for every key and its default).")
+@click.option("--model", default=None, help="Model bundle folder [default: models/ravdess-actors].")
+@click.option("--force", is_flag=True, help="Relabel files already labeled with this model.")
+@click.option("--segments", is_flag=True, help="Also write one row per 3 s window to OUT/_segments.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override any config key, e.g. inference.max_actors=4.")
+@click.option("--address", default=None, envvar="RAY_ADDRESS", help="Ray cluster address [default: start local Ray].")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--print-config", is_flag=True, help="Print the effective config and exit.")
+def label(input_spec, output, config_path, model, force, segments, overrides, address, no_progress, print_config):
+    """Label every audio file of INPUT with its emotion, into a Parquet dataset at --output.
+
+    INPUT is a folder or s3://bucket/prefix (recursive), a glob ('rec/**/*.wav'), a .txt file listing paths,
+    or one file. Files already labeled by this model with the same path, size and mtime are skipped, so a
+    nightly run labels new and changed files only. Unreadable files become rows with status=error. Exit
+    code: 0 all labeled, 1 some files failed, 2 usage or config error. Layout and schema: docs/LABELING.md.
+    """
+    from ser.pipeline import InputError, LabelConfig, run, summary
+
+    cfg = _job_config(LabelConfig, config_path, overrides, print_config, input=input_spec, output=output,
+                      model=model, force=force or None, segments=segments or None,
+                      progress=False if no_progress else None)
+    try:
+        manifest = run(cfg, address=address)
+    except (InputError, bundle.BundleError, OSError) as exc:
+        _fail(str(exc))
+    click.echo(summary(manifest, cfg.output))
+    for item in manifest["errors"][:10]:
+        click.echo(f"error: {item['path']}: {item['error']}", err=True)
+    sys.exit(1 if manifest["counts"]["error"] else 0)
+
+
+@main.command()
+@click.argument("out")
+@click.option("--low-confidence", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              help="Confidence below which a labeled file counts as low-confidence.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def results(out: str, low_confidence: float, as_json: bool) -> None:
+    """Summarize a labeling output OUT (folder or s3://...): runs, files per label, low-confidence share, errors.
+
+    Counts use the latest row of each file (a relabeled file has one row per run that labeled it).
+    """
+    from ser import store
+
+    try:
+        summary = store.results(store.Store(out, store.s3_options()), low_confidence)
+    except OSError as exc:
+        _fail(str(exc))
+    if not summary["rows"] and not summary["runs"]:
+        _fail(f"{out}: no labeling results here")
+    click.echo(json.dumps(summary) if as_json else store.results_text(summary))

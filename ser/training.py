@@ -229,40 +229,26 @@ def _file_scores(window_logits: np.ndarray, owner: np.ndarray, labels: np.ndarra
     }
 
 
-def train_loop_per_worker(cfg: dict) -> None:
-    """Runs on each Ray Train worker: custom distributed step, early stopping, calibration, bundle checkpoint."""
+def training_windows(data: dict) -> np.ndarray:
+    """Indices of the windows of the training files in `data` (see `training_data`)."""
+    return np.flatnonzero(data["sides"][data["file_index"]] == "train")
+
+
+def build_step(config: TrainConfig, strategy, n_train_files: int):
+    """Seed, then build the model and its compiled step under `strategy`: step(x, y, w) -> the global mean loss.
+
+    Ray Train workers and the plain single-process reference of bench/ run this same step.
+    """
     import keras
-    import ray
-    import ray.train
     import tensorflow as tf
 
     from ser.model import build_model
 
-    config: TrainConfig = cfg["config"]
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    threads = cfg["threads"]
-    tf.config.threading.set_intra_op_parallelism_threads(threads)
-    tf.config.threading.set_inter_op_parallelism_threads(threads)
-    for gpu in tf.config.list_physical_devices("GPU"):
-        tf.config.experimental.set_memory_growth(gpu, True)
     keras.utils.set_random_seed(config.seed)
-
-    data = ray.get(cfg["data"])
-    feats, owner, labels, sides = data["features"], data["file_index"], data["labels"], data["sides"]
-    mean, std, weights = data["mean"], data["std"], data["class_weights"]
-    train_windows = np.flatnonzero(sides[owner] == "train")
-    val_files = np.flatnonzero(sides == "validation")
-    val_windows = np.flatnonzero(sides[owner] == "validation")
-    val_owner = np.searchsorted(val_files, owner[val_windows])
-    val_labels = labels[val_files]
-
-    strategy = tf.distribute.MultiWorkerMirroredStrategy() if world > 1 else tf.distribute.get_strategy()
-    n_classes = config.model.n_classes
-    global_batch, local_batch = config.batch_size, config.batch_size // world
+    global_batch = config.batch_size
     with strategy.scope():
         model = build_model(config.model)
-        optimizer = keras.optimizers.Adam(learning_rate_schedule(config, len(np.unique(owner[train_windows]))))
+        optimizer = keras.optimizers.Adam(learning_rate_schedule(config, n_train_files))
         loss_fn = keras.losses.CategoricalCrossentropy(
             from_logits=True, label_smoothing=config.label_smoothing, reduction="none"
         )
@@ -279,32 +265,72 @@ def train_loop_per_worker(cfg: dict) -> None:
     def distributed_step(x, y, w):
         return strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(step, args=(x, y, w)), axis=None)
 
-    eye = np.eye(n_classes, dtype=np.float32)
+    return model, distributed_step
+
+
+def train_epoch(distributed_step, data: dict, config: TrainConfig, epoch: int, rank: int = 0,
+                world: int = 1) -> tuple[float, int, float]:
+    """This rank's steps of one epoch (one random window per training file): (mean loss, steps, seconds)."""
+    import tensorflow as tf
+
+    started = time.perf_counter()
+    feats, owner, labels = data["features"], data["file_index"], data["labels"]
+    train_windows = training_windows(data)
+    eye = np.eye(config.model.n_classes, dtype=np.float32)
+    local_batch = config.batch_size // world
+    rng = np.random.default_rng(config.seed * 1000 + epoch)  # same on every worker: same epoch order
+    chosen = one_window_per_file(owner[train_windows], rng)
+    steps = len(chosen) // config.batch_size
+    mine = chosen[rank::world][: steps * local_batch]
+    worker_rng = np.random.default_rng((config.seed, epoch, rank))
+    total = 0.0
+    for s in range(steps):
+        idx = train_windows[mine[s * local_batch : (s + 1) * local_batch]]
+        x = augment(normalize(feats[idx], data["mean"], data["std"]), worker_rng, config.augment)
+        y, w = eye[labels[owner[idx]]], data["class_weights"][labels[owner[idx]]]
+        if config.augment.mixup_alpha > 0:
+            x, y, w = mixup(x, y, w, worker_rng, config.augment.mixup_alpha)
+        total += float(distributed_step(tf.constant(x), tf.constant(y), tf.constant(w)))
+    return total / max(steps, 1), steps, time.perf_counter() - started
+
+
+def train_loop_per_worker(cfg: dict) -> None:
+    """Runs on each Ray Train worker: custom distributed step, early stopping, calibration, bundle checkpoint."""
+    import ray
+    import ray.train
+    import tensorflow as tf
+
+    config: TrainConfig = cfg["config"]
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    threads = cfg["threads"]
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(threads)
+    for gpu in tf.config.list_physical_devices("GPU"):
+        tf.config.experimental.set_memory_growth(gpu, True)
+
+    data = ray.get(cfg["data"])
+    feats, owner, labels, sides = data["features"], data["file_index"], data["labels"], data["sides"]
+    mean, std = data["mean"], data["std"]
+    train_windows = training_windows(data)
+    val_files = np.flatnonzero(sides == "validation")
+    val_windows = np.flatnonzero(sides[owner] == "validation")
+    val_owner = np.searchsorted(val_files, owner[val_windows])
+    val_labels = labels[val_files]
+
+    strategy = tf.distribute.MultiWorkerMirroredStrategy() if world > 1 else tf.distribute.get_strategy()
+    model, distributed_step = build_step(config, strategy, len(np.unique(owner[train_windows])))
     history, best, best_weights, since_best = [], None, None, 0
     for epoch in range(config.epochs):
-        started = time.perf_counter()
-        rng = np.random.default_rng(config.seed * 1000 + epoch)  # same on every worker: same epoch order
-        chosen = one_window_per_file(owner[train_windows], rng)
-        steps = len(chosen) // global_batch
-        mine = chosen[rank::world][: steps * local_batch]
-        worker_rng = np.random.default_rng((config.seed, epoch, rank))
-        total = 0.0
-        for s in range(steps):
-            idx = train_windows[mine[s * local_batch : (s + 1) * local_batch]]
-            x = augment(normalize(feats[idx], mean, std), worker_rng, config.augment)
-            y, w = eye[labels[owner[idx]]], weights[labels[owner[idx]]]
-            if config.augment.mixup_alpha > 0:
-                x, y, w = mixup(x, y, w, worker_rng, config.augment.mixup_alpha)
-            total += float(distributed_step(tf.constant(x), tf.constant(y), tf.constant(w)))
-        seconds = time.perf_counter() - started
+        train_loss, steps, seconds = train_epoch(distributed_step, data, config, epoch, rank, world)
         scores = _file_scores(_window_logits(model, feats[val_windows], mean, std), val_owner, val_labels)
         record = {
             "epoch": epoch + 1,
-            "train_loss": total / max(steps, 1),
+            "train_loss": train_loss,
             "val_accuracy": scores["accuracy"],
             "val_nll": scores["nll"],
             "epoch_seconds": seconds,
-            "samples_per_second": steps * global_batch / seconds,
+            "samples_per_second": steps * config.batch_size / seconds,
         }
         history.append(record)
         if rank == 0:
@@ -356,6 +382,23 @@ def prepare(config: TrainConfig) -> tuple[pd.DataFrame, FeatureSet]:
     return table, extract_features(table, config.cache_dir)
 
 
+def training_data(config: TrainConfig, table: pd.DataFrame, feature_set: FeatureSet) -> dict:
+    """What every worker trains on: windows and their files, labels, sides, train-only statistics, class weights."""
+    labels = table["emotion"].map(ravdess.EMOTIONS.index).to_numpy()
+    sides = table["split"].to_numpy()
+    train_mask = sides[feature_set.file_index] == "train"
+    mean, std = normalization_stats(feature_set.features[train_mask], config.normalization)
+    return {
+        "features": feature_set.features,
+        "file_index": feature_set.file_index,
+        "labels": labels,
+        "sides": sides,
+        "mean": mean,
+        "std": std,
+        "class_weights": class_weights(labels[sides == "train"], config.model.n_classes, config.surprise_weight),
+    }
+
+
 def train(config: TrainConfig, address: str | None = None) -> tuple[Path, dict]:
     """Run the Ray Train job; returns the bundle folder and its model card."""
     import ray
@@ -369,21 +412,9 @@ def train(config: TrainConfig, address: str | None = None) -> tuple[Path, dict]:
         ray.init(address=address, include_dashboard=False)
     started = time.perf_counter()
     table, feature_set = prepare(config)
-    labels = table["emotion"].map(ravdess.EMOTIONS.index).to_numpy()
-    sides = table["split"].to_numpy()
-    train_mask = sides[feature_set.file_index] == "train"
-    mean, std = normalization_stats(feature_set.features[train_mask], config.normalization)
-    data_ref = ray.put(
-        {
-            "features": feature_set.features,
-            "file_index": feature_set.file_index,
-            "labels": labels,
-            "sides": sides,
-            "mean": mean,
-            "std": std,
-            "class_weights": class_weights(labels[sides == "train"], config.model.n_classes, config.surprise_weight),
-        }
-    )
+    data = training_data(config, table, feature_set)
+    sides = data["sides"]
+    data_ref = ray.put(data)
     card = {
         "name": name,
         "run_id": run_id,

@@ -1,0 +1,145 @@
+"""Resource use of a process tree (a command and everything it starts: Ray's raylet, workers, actors).
+
+A background thread samples the tree with psutil: resident memory summed over the live processes (RSS, and
+PSS, which counts shared pages once), and CPU time per process, kept after a process exits and split by role
+(the process title: `ray::MapBatches(featurize)`, `ray::MapWorker(...)`, `raylet`, the driver `ser`, ...).
+CPU time the rest of the machine used meanwhile is reported too, so figures taken on a busy machine are flagged.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import psutil
+
+SAMPLE_SECONDS = 0.2
+PYTHON_NAMES = ("python", "python3", "python3.11")
+BUSY_MACHINE = 0.05  # other processes using more than 5% of the cores: the figures are not trustworthy
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What a process tree used while it ran."""
+
+    wall_s: float
+    cpu_s: float
+    cpu_utilisation: float  # tree CPU seconds / (wall seconds * cores)
+    other_cpu_utilisation: float  # the same for every process outside the tree
+    peak_rss_bytes: int
+    peak_pss_bytes: int
+    peak_processes: int
+    cpu_s_by_role: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def contended(self) -> bool:
+        return self.other_cpu_utilisation > BUSY_MACHINE
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "contended": self.contended}
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds the whole machine has spent not idle since boot."""
+    times = psutil.cpu_times()
+    return sum(times) - times.idle - getattr(times, "iowait", 0.0)
+
+
+def role(command: list[str]) -> str:
+    """A short name for what a process is: its title (Ray workers set one), or the script a Python runs."""
+    if not command:
+        return "?"
+    first = os.path.basename(command[0])
+    if first in PYTHON_NAMES and len(command) > 1:
+        script = next((c for c in command[1:] if not c.startswith("-")), first)
+        return os.path.basename(script)
+    return command[0].split(" ")[0] if command[0].startswith("ray::") else first
+
+
+def _tree(root: psutil.Process) -> list[psutil.Process]:
+    try:
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+class TreeMonitor:
+    """Context manager sampling the tree below `pid` until exit; `usage` holds the result afterwards."""
+
+    def __init__(self, pid: int | None = None, interval: float = SAMPLE_SECONDS):
+        self.root = psutil.Process(pid or os.getpid())
+        self.interval = interval
+        self.cpu: dict[tuple[int, float], float] = {}  # (pid, create time) -> last seen CPU seconds
+        self.by_role: Counter = Counter()  # CPU seconds per role, each interval charged to the role seen then
+        self.peak_rss = self.peak_pss = self.peak_processes = 0
+        self.usage: Usage | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="tree-monitor", daemon=True)
+
+    def __enter__(self) -> TreeMonitor:
+        self._started = time.perf_counter()
+        self._busy = machine_busy_seconds()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        wall = time.perf_counter() - self._started
+        capacity = wall * (psutil.cpu_count() or 1)
+        tree_cpu = sum(self.cpu.values())
+        other = max(0.0, machine_busy_seconds() - self._busy - tree_cpu)
+        self.usage = Usage(
+            wall_s=wall,
+            cpu_s=tree_cpu,
+            cpu_utilisation=tree_cpu / capacity,
+            other_cpu_utilisation=other / capacity,
+            peak_rss_bytes=self.peak_rss,
+            peak_pss_bytes=self.peak_pss,
+            peak_processes=self.peak_processes,
+            cpu_s_by_role={name: round(seconds, 2) for name, seconds in self.by_role.most_common()},
+        )
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.interval)
+        self.sample()
+
+    def sample(self) -> None:
+        """One look at the tree: memory now, CPU time so far."""
+        rss = pss = alive = 0
+        for proc in _tree(self.root):
+            try:
+                with proc.oneshot():
+                    memory = proc.memory_full_info()
+                    times = proc.cpu_times()
+                    key = (proc.pid, proc.create_time())
+                    name = role(proc.cmdline())
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+            rss, pss, alive = rss + memory.rss, pss + memory.pss, alive + 1
+            total = times.user + times.system
+            self.by_role[name] += total - self.cpu.get(key, 0.0)
+            self.cpu[key] = total
+        self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
+        self.peak_processes = max(self.peak_processes, alive)
+
+
+def run_monitored(command: list[str], env: dict[str, str] | None = None, stdout=None,
+                  ok_codes: tuple[int, ...] = (0,)) -> tuple[int, Usage]:
+    """Run `command` to the end while sampling its process tree; its exit code and what it used.
+
+    An exit code outside `ok_codes` raises RuntimeError with the end of the command's stderr.
+    """
+    process = subprocess.Popen(command, env={**os.environ, **(env or {})}, stdout=stdout, stderr=subprocess.PIPE,
+                               text=True)
+    with TreeMonitor(process.pid) as monitor:
+        _, errors = process.communicate()
+    if process.returncode not in ok_codes:
+        raise RuntimeError(f"{' '.join(command[:4])} ... exited {process.returncode}:\n{errors[-4000:]}")
+    return process.returncode, monitor.usage

@@ -1,0 +1,66 @@
+"""`python -m bench all --quick` on generated clips with the tiny bundle: every figure present, finite and positive."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+from conftest import ROOT, write_ravdess_like
+
+QUICK_SECONDS = 60  # the whole quick run, Ray start-ups included
+GENERATED_CLIPS = 24  # RAVDESS-like names: actors 1-24, so the training stages have train and validation files
+REQUIRED = (
+    "loop.files_per_s",
+    "ideal.t_feat_s",
+    "ideal.t_infer_s",
+    "ideal.files_per_s",
+    "ideal.windows_per_file",
+    "label.steady.files_per_s",
+    "label.end_to_end_files_per_s",
+    "label.first_result_s",
+    "label.wall_s",
+    "label.usage.peak_rss_bytes",
+    "label.usage.peak_pss_bytes",
+    "label.usage.cpu_utilisation",
+    "rerun.wall_s",
+    "train.ray.samples_per_s",
+    "train.plain.samples_per_s",
+)
+GOALS = ("speedup_steady", "speedup_end_to_end", "fraction_of_ideal", "memory_ratio", "rerun_ratio", "train_ratio")
+
+
+def _lookup(results: dict, dotted: str):
+    value = results
+    for key in dotted.split("."):
+        value = value[key]
+    return value
+
+
+def _finite_positive(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def test_quick_bench_reports_every_figure(tmp_path, tiny_bundle):
+    data, out = tmp_path / "clips", tmp_path / "bench.json"
+    write_ravdess_like(data, n=GENERATED_CLIPS, seconds=2.0)
+    command = [sys.executable, "-m", "bench", "all", "--quick", "--data", str(data), "--model", str(tiny_bundle),
+               "--json", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=QUICK_SECONDS)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(out.read_text())
+
+    missing = [key for key in REQUIRED if not _finite_positive(_lookup(results, key))]
+    assert not missing, {key: _lookup(results, key) for key in missing}
+    assert len(results["memory"]) == 2
+    for run in results["memory"].values():
+        assert _finite_positive(run["usage"]["peak_rss_bytes"])
+    assert set(results["goals"]) == set(GOALS)
+    for key in GOALS:
+        assert _finite_positive(results["ratios"][key]), (key, results["ratios"][key])
+        assert isinstance(results["goals"][key]["met"], bool)
+    assert results["rerun"]["labeled"] == 0  # nothing changed: the re-run skips every file
+    assert "ser label steady" in done.stdout  # the printed table
