@@ -74,9 +74,41 @@ model_option = click.option(
     "model",
     type=click.Path(path_type=Path),
     default=bundle.DEFAULT_MODEL,
-    show_default="models/ravdess-actors",
+    show_default="$SER_MODEL or models/ravdess-actors",
     help="Model bundle folder (model.keras, train_mean.npy, train_std.npy, model.json).",
 )
+
+
+low_confidence_option = click.option(
+    "--low-confidence",
+    type=click.FloatRange(0, 1),
+    default=0.5,
+    show_default=True,
+    help="Confidence below which a labeled file counts as low-confidence (needing review).",
+)
+
+
+def job_options(command):
+    """The options every Ray job command shares: config overrides, cluster address, --print-config."""
+    options = [
+        click.option(
+            "--set",
+            "overrides",
+            multiple=True,
+            metavar="KEY=VALUE",
+            help="Override any config key (dotted for nested keys), e.g. --set inference.batch_size=128.",
+        ),
+        click.option(
+            "--address",
+            default=None,
+            envvar="RAY_ADDRESS",
+            help="Ray cluster address [default: $RAY_ADDRESS, else start a local Ray].",
+        ),
+        click.option("--print-config", is_flag=True, help="Print the effective config and exit."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -130,10 +162,20 @@ def predict(files: tuple[str, ...], model: Path, as_json: bool) -> None:
 
 @main.command()
 @model_option
-@click.option("--data", "data_dir", type=click.Path(path_type=Path), default=DEFAULT_DATA, show_default=True,
-              help=f"RAVDESS folder (get it from {ravdess.ZENODO_URL}).")
-@click.option("--protocol", type=click.Choice(ravdess.PROTOCOLS), default=None,
-              help="Split to test on [default: the protocol the model was trained with].")
+@click.option(
+    "--data",
+    "data_dir",
+    type=click.Path(path_type=Path),
+    default=DEFAULT_DATA,
+    show_default=True,
+    help=f"RAVDESS folder (get it from {ravdess.ZENODO_URL}).",
+)
+@click.option(
+    "--protocol",
+    type=click.Choice(ravdess.PROTOCOLS),
+    default=None,
+    help="Split to test on [default: the protocol the model was trained with].",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with all metrics.")
 @click.option("--html", "html", type=click.Path(path_type=Path), default=None, help="Also write an HTML report here.")
 @click.option("--record", is_flag=True, help="Store the test metrics in the bundle's model.json (model card).")
@@ -172,8 +214,7 @@ def evaluate(model: Path, data_dir: Path, protocol: str | None, as_json: bool, h
 @click.argument("out", type=str)
 @click.option("--html", "html", type=click.Path(path_type=Path), required=True, help="Write the HTML report here.")
 @click.option("--run", "run", default=None, help="Only this run id [default: the latest result of every file].")
-@click.option("--low-confidence", type=click.FloatRange(0, 1), default=0.5, show_default=True,
-              help="Confidence below which a labeled file counts as needing review.")
+@low_confidence_option
 def report(out: str, html: Path, run: str | None, low_confidence: float) -> None:
     """Write a self-contained HTML report on a labeling output folder OUT (local path or s3://...).
 
@@ -191,8 +232,7 @@ def report(out: str, html: Path, run: str | None, low_confidence: float) -> None
 
 
 @main.command()
-@click.option("--model", "model", type=click.Path(path_type=Path), default=bundle.DEFAULT_MODEL, envvar="SER_MODEL",
-              show_default="$SER_MODEL or models/ravdess-actors", help="Model bundle folder.")
+@model_option
 @click.option("--port", type=int, default=8501, show_default=True, help="Port to serve on.")
 @click.option("--address", default="127.0.0.1", show_default=True, help="Interface to listen on (0.0.0.0 in Docker).")
 def app(model: Path, port: int, address: str) -> None:
@@ -206,16 +246,31 @@ def app(model: Path, port: int, address: str) -> None:
     except bundle.BundleError as exc:
         _fail(str(exc))
     script = Path(__file__).with_name("app.py")
-    command = [sys.executable, "-m", "streamlit", "run", str(script), "--server.port", str(port),
-               "--server.address", address, "--server.headless", "true", "--browser.gatherUsageStats", "false",
-               "--client.toolbarMode", "viewer"]
+    command = [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        str(script),
+        "--server.port",
+        str(port),
+        "--server.address",
+        address,
+        "--server.headless",
+        "true",
+        "--browser.gatherUsageStats",
+        "false",
+        "--client.toolbarMode",
+        "viewer",
+    ]
     os.execve(sys.executable, command, {**os.environ, "SER_MODEL": str(model.resolve())})
 
 
 def _evaluation_table(result: dict, classes: tuple[str, ...]) -> str:
     lines = [
         f"model {result['model']}  protocol {result['protocol']}  test files {result['n']}",
-        f"accuracy {result['accuracy']:.4f}  macro-F1 {result['macro_f1']:.4f}  weighted-F1 {result['weighted_f1']:.4f}",
+        f"accuracy {result['accuracy']:.4f}  macro-F1 {result['macro_f1']:.4f}  "
+        f"weighted-F1 {result['weighted_f1']:.4f}",
         f"ECE (15 bins) {result['ece']:.4f} at temperature {result['temperature']:.3f} "
         f"(uncalibrated {result['ece_uncalibrated']:.4f})",
         "",
@@ -223,24 +278,31 @@ def _evaluation_table(result: dict, classes: tuple[str, ...]) -> str:
     ]
     for name, row in result["per_class"].items():
         lines.append(f"{name:<10} {row['precision']:>9.3f} {row['recall']:>7.3f} {row['f1']:>7.3f} {row['support']:>5}")
-    lines += ["", "confusion matrix (rows: true, columns: predicted)", " " * 10 + "".join(f"{c[:6]:>7}" for c in classes)]
+    lines += [
+        "",
+        "confusion matrix (rows: true, columns: predicted)",
+        " " * 10 + "".join(f"{c[:6]:>7}" for c in classes),
+    ]
     for name, row in zip(classes, result["confusion_matrix"], strict=True):
         lines.append(f"{name:<10}" + "".join(f"{v:>7}" for v in row))
     return "\n".join(lines)
 
 
 @main.command()
-@click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
-              help="YAML config (see configs/train.yaml for every key and its default).")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="YAML config (see configs/train.yaml for every key and its default).",
+)
 @click.option("--protocol", type=click.Choice(ravdess.PROTOCOLS), default=None, help="Split protocol.")
 @click.option("--data", "data_dir", default=None, help="RAVDESS folder.")
 @click.option("--output", default=None, help="Bundle folder to write ({protocol} and {run_id} are filled in).")
 @click.option("--num-workers", type=int, default=None, help="Ray Train workers.")
 @click.option("--epochs", type=int, default=None, help="Maximum epochs (early stopping may end sooner).")
 @click.option("--seed", type=int, default=None, help="Random seed.")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override any config key, e.g. augment.noise_std=0.2.")
-@click.option("--address", default=None, envvar="RAY_ADDRESS", help="Ray cluster address [default: start local Ray].")
-@click.option("--print-config", is_flag=True, help="Print the effective config and exit.")
+@job_options
 def train(config_path, protocol, data_dir, output, num_workers, epochs, seed, overrides, address, print_config) -> None:
     """Train a model with Ray Train over the shared feature stage and write a bundle.
 
@@ -251,8 +313,18 @@ def train(config_path, protocol, data_dir, output, num_workers, epochs, seed, ov
     import_tensorflow_quietly()
     from ser.training import TrainConfig
 
-    cfg = _job_config(TrainConfig, config_path, overrides, print_config, protocol=protocol, data_dir=data_dir,
-                      output=output, num_workers=num_workers, epochs=epochs, seed=seed)
+    cfg = _job_config(
+        TrainConfig,
+        config_path,
+        overrides,
+        print_config,
+        protocol=protocol,
+        data_dir=data_dir,
+        output=output,
+        num_workers=num_workers,
+        epochs=epochs,
+        seed=seed,
+    )
     from ser.training import train as run_training
 
     try:
@@ -261,25 +333,29 @@ def train(config_path, protocol, data_dir, output, num_workers, epochs, seed, ov
         _fail(str(exc))
     val = card["validation"]["after_calibration"]
     click.echo(f"bundle: {out}")
-    click.echo(f"best epoch {card['best_epoch']}, validation accuracy {val['accuracy']:.4f}, "
-               f"ECE {val['ece']:.4f} at temperature {card['calibration']['temperature']:.3f}, "
-               f"{card['train_seconds']:.0f} s")
+    click.echo(
+        f"best epoch {card['best_epoch']}, validation accuracy {val['accuracy']:.4f}, "
+        f"ECE {val['ece']:.4f} at temperature {card['calibration']['temperature']:.3f}, "
+        f"{card['train_seconds']:.0f} s"
+    )
     click.echo(f"next: ser evaluate --model {out} --protocol {cfg.protocol}")
 
 
 @main.command()
 @click.argument("input_spec", metavar="INPUT", required=False)
 @click.option("--output", "-o", default=None, help="Output folder or s3://bucket/prefix (Hive-partitioned Parquet).")
-@click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
-              help="YAML config (see configs/label.yaml for every key and its default).")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="YAML config (see configs/label.yaml for every key and its default).",
+)
 @click.option("--model", default=None, help="Model bundle folder [default: models/ravdess-actors].")
 @click.option("--force", is_flag=True, help="Relabel files already labeled with this model.")
 @click.option("--segments", is_flag=True, help="Also write one row per 3 s window to OUT/_segments.")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="Override any config key, e.g. inference.max_actors=4.")
-@click.option("--address", default=None, envvar="RAY_ADDRESS", help="Ray cluster address [default: start local Ray].")
+@job_options
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-@click.option("--print-config", is_flag=True, help="Print the effective config and exit.")
 def label(input_spec, output, config_path, model, force, segments, overrides, address, no_progress, print_config):
     """Label every audio file of INPUT with its emotion, into a Parquet dataset at --output.
 
@@ -290,9 +366,18 @@ def label(input_spec, output, config_path, model, force, segments, overrides, ad
     """
     from ser.pipeline import InputError, LabelConfig, run, summary
 
-    cfg = _job_config(LabelConfig, config_path, overrides, print_config, input=input_spec, output=output,
-                      model=model, force=force or None, segments=segments or None,
-                      progress=False if no_progress else None)
+    cfg = _job_config(
+        LabelConfig,
+        config_path,
+        overrides,
+        print_config,
+        input=input_spec,
+        output=output,
+        model=model,
+        force=force or None,
+        segments=segments or None,
+        progress=False if no_progress else None,
+    )
     try:
         manifest = run(cfg, address=address)
     except (InputError, bundle.BundleError, OSError) as exc:
@@ -305,8 +390,7 @@ def label(input_spec, output, config_path, model, force, segments, overrides, ad
 
 @main.command()
 @click.argument("out")
-@click.option("--low-confidence", type=click.FloatRange(0, 1), default=0.5, show_default=True,
-              help="Confidence below which a labeled file counts as low-confidence.")
+@low_confidence_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def results(out: str, low_confidence: float, as_json: bool) -> None:
     """Summarize a labeling output OUT (folder or s3://...): runs, files per label, low-confidence share, errors.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -41,7 +42,7 @@ def _start(args: list[str], env: dict, log: Path) -> subprocess.Popen:
     return subprocess.Popen(command, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 
-def _stop(nodes: list[subprocess.Popen]) -> None:
+def _stop(nodes: list[subprocess.Popen], temp: str) -> None:
     """Stop the nodes this test started (only those: `ray stop` would stop every Ray on the machine)."""
     started = [psutil.Process(n.pid) for n in nodes if n.poll() is None]
     children = [c for p in started for c in p.children(recursive=True)]
@@ -50,6 +51,8 @@ def _stop(nodes: list[subprocess.Popen]) -> None:
     _, alive = psutil.wait_procs(started + children, timeout=30)
     for process in alive:
         process.kill()
+    psutil.wait_procs(alive, timeout=10)
+    shutil.rmtree(temp, ignore_errors=True)
 
 
 class NodeStartError(RuntimeError):
@@ -94,10 +97,9 @@ def _has_job_api() -> bool:
     return True
 
 
-def _start_cluster(nodes: list[subprocess.Popen], env: dict, logs: Path) -> SimpleNamespace:
+def _start_cluster(nodes: list[subprocess.Popen], env: dict, logs: Path, temp: str) -> SimpleNamespace:
     """Start a head (with the job API when available) and one worker node, appending them to `nodes`."""
     logs.mkdir()
-    temp = tempfile.mkdtemp(prefix="sr", dir="/tmp")  # short: Ray's socket paths live under it
     gcs, dashboard = free_port(), free_port()
     url = f"http://127.0.0.1:{dashboard}" if _has_job_api() else None
     head = ["--head", f"--port={gcs}", f"--temp-dir={temp}", f"--ray-client-server-port={free_port()}"]
@@ -124,15 +126,16 @@ def two_node_cluster(tmp_path_factory):
     env["RAY_AUTH_MODE"] = "token"  # nodes and CLI calls share the token in ~/.ray (made by the head if missing)
     for attempt in range(START_ATTEMPTS):
         nodes: list[subprocess.Popen] = []
+        temp = tempfile.mkdtemp(prefix="sr", dir="/tmp")  # Ray's session folder; short, for its socket paths
         try:
-            cluster = _start_cluster(nodes, env, tmp_path / f"attempt{attempt}")
+            cluster = _start_cluster(nodes, env, tmp_path / f"attempt{attempt}", temp)
         except NodeStartError:
-            _stop(nodes)
+            _stop(nodes, temp)
             continue
         try:
             yield cluster
         finally:
-            _stop(nodes)
+            _stop(nodes, temp)
         return
     pytest.fail(f"no two-node cluster after {START_ATTEMPTS} attempts; logs in {tmp_path}")
 
@@ -165,7 +168,6 @@ def test_driver_with_address_labels_on_both_nodes(tmp_path, tiny_bundle, two_nod
     _check_run(tmp_path / "out", two_node_cluster.node_ids)
 
 
-@pytest.mark.slow
 def test_ray_job_submit_labels_on_both_nodes(tmp_path, tiny_bundle, two_node_cluster):
     if not two_node_cluster.url:
         pytest.skip("`ray job submit` needs Ray's dashboard: pip install 'ray[default]'")
