@@ -40,12 +40,11 @@ def _ideal(args) -> dict:
 
 
 def _label(args) -> dict:
-    from bench.collection import make_collection
+    from bench.collection import audio_files, make_collection
     from bench.labeling import label
 
-    files = _files(args)
     with tempfile.TemporaryDirectory(prefix="ser-bench-label-") as work:
-        collection = make_collection(files, len(files), Path(work) / "in")
+        collection = make_collection(audio_files(args.data), args.files, Path(work) / "in")
         return label(collection, Path(work) / "out", args.model, tuple(args.overrides))
 
 
@@ -96,7 +95,7 @@ def parser() -> argparse.ArgumentParser:
     ideal = command("ideal", _ideal, "t_feat and t_infer on one core", files=FULL.ideal_files)
     ideal.add_argument("--batch-sizes", type=int, nargs="+", default=list(FULL.batch_sizes))
     ideal.add_argument("--seconds", type=float, default=FULL.timing_seconds, help="timing per batch size")
-    label = command("label", _label, "one `ser label` run on a collection of links", files=FULL.loop_files)
+    label = command("label", _label, "one `ser label` run on a collection of --files links", files=2000)
     for sub in (every, label):
         sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                          help="`ser label` config override, e.g. decode.batch_size=8")

@@ -30,7 +30,9 @@ def spread(items: list, count: int) -> list:
 
 
 def make_collection(sources: list[Path], count: int, folder: Path) -> Path:
-    """A folder of `count` links cycling through `sources`, each under a new unique name; returns it."""
+    """A folder of `count` links to files spread over `sources` (cycling through all of them when `count` is
+    larger), each under a new unique name; returns the folder."""
+    sources = spread(sources, count)
     for i in range(count):
         source = sources[i % len(sources)]
         link = folder / f"{i // FILES_PER_FOLDER:03d}" / f"{i:06d}-{source.name}"

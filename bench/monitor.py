@@ -3,7 +3,8 @@
 A background thread samples the tree with psutil: resident memory summed over the live processes (RSS, and
 PSS, which counts shared pages once), and CPU time per process, kept after a process exits and split by role
 (the process title: `ray::MapBatches(featurize)`, `ray::MapWorker(...)`, `raylet`, the driver `ser`, ...).
-CPU time the rest of the machine used meanwhile is reported too, so figures taken on a busy machine are flagged.
+CPU time the rest of the machine used meanwhile (less this monitor's own) is reported too, so figures taken
+on a busy machine are flagged.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from dataclasses import asdict, dataclass, field
 
 import psutil
 
-SAMPLE_SECONDS = 0.2
+SAMPLE_SECONDS = 0.5  # the monitor costs about 1% of one core at this rate
+PSS_EVERY = 4  # PSS (a read of smaps_rollup per process, costly) on every 4th sample only
 PYTHON_NAMES = ("python", "python3", "python3.11")
 BUSY_MACHINE = 0.05  # other processes using more than 5% of the cores: the figures are not trustworthy
 
@@ -75,14 +77,15 @@ class TreeMonitor:
         self.interval = interval
         self.cpu: dict[tuple[int, float], float] = {}  # (pid, create time) -> last seen CPU seconds
         self.by_role: Counter = Counter()  # CPU seconds per role, each interval charged to the role seen then
-        self.peak_rss = self.peak_pss = self.peak_processes = 0
+        self.peak_rss = self.peak_pss = self.peak_processes = self.samples = 0
         self.usage: Usage | None = None
+        self._me = psutil.Process()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="tree-monitor", daemon=True)
 
     def __enter__(self) -> TreeMonitor:
         self._started = time.perf_counter()
-        self._busy = machine_busy_seconds()
+        self._busy, self._own = machine_busy_seconds(), sum(self._me.cpu_times()[:2])
         self._thread.start()
         return self
 
@@ -92,7 +95,8 @@ class TreeMonitor:
         wall = time.perf_counter() - self._started
         capacity = wall * (psutil.cpu_count() or 1)
         tree_cpu = sum(self.cpu.values())
-        other = max(0.0, machine_busy_seconds() - self._busy - tree_cpu)
+        own = sum(self._me.cpu_times()[:2]) - self._own
+        other = max(0.0, machine_busy_seconds() - self._busy - tree_cpu - own)
         self.usage = Usage(
             wall_s=wall,
             cpu_s=tree_cpu,
@@ -111,18 +115,20 @@ class TreeMonitor:
         self.sample()
 
     def sample(self) -> None:
-        """One look at the tree: memory now, CPU time so far."""
+        """One look at the tree: memory now (PSS every PSS_EVERY samples), CPU time so far."""
+        with_pss = self.samples % PSS_EVERY == 0
+        self.samples += 1
         rss = pss = alive = 0
         for proc in _tree(self.root):
             try:
                 with proc.oneshot():
-                    memory = proc.memory_full_info()
+                    memory = proc.memory_full_info() if with_pss else proc.memory_info()
                     times = proc.cpu_times()
                     key = (proc.pid, proc.create_time())
                     name = role(proc.cmdline())
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue
-            rss, pss, alive = rss + memory.rss, pss + memory.pss, alive + 1
+            rss, pss, alive = rss + memory.rss, pss + getattr(memory, "pss", 0), alive + 1
             total = times.user + times.system
             self.by_role[name] += total - self.cpu.get(key, 0.0)
             self.cpu[key] = total

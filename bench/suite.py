@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from bench import baselines, projection, report
-from bench.collection import audio_files, make_collection, spread
+from bench.collection import audio_files, make_collection
 from bench.labeling import label
 from bench.monitor import run_monitored
 
@@ -56,7 +56,7 @@ def labeling_runs(sources: list[Path], plan: Plan, work: Path, model: str) -> di
     n = plan.files or len(sources)
     for source in sources:
         source.read_bytes()  # every run, and every baseline, reads from the page cache
-    collection = make_collection(spread(sources, n), n, work / f"collection-{n}")
+    collection = make_collection(sources, n, work / f"collection-{n}")
     log(f"ser label on {n} files")
     full = label(collection, work / f"out-{n}", model, plan.overrides)
     log(f"  {full['steady']['files_per_s']:.2f} files/s steady; re-run of the unchanged collection")

@@ -71,3 +71,14 @@ def build_model(config: ModelConfig = ModelConfig()) -> keras.Model:
     x = layers.Dropout(config.head_dropout)(x)
     logits = layers.Dense(config.n_classes, name="logits")(x)
     return keras.Model(inputs, logits, name="ser_cnn_bilstm_attention")
+
+
+def average_logits(members: list[keras.Model]) -> keras.Model:
+    """An ensemble as one model: the same input through every member, their logits averaged."""
+    inputs = keras.Input(shape=(*features.FEATURE_SHAPE, 1), name="log_mel")
+    outputs = []
+    for i, member in enumerate(members):
+        member.name = f"member_{i}"  # nested models need unique names to be saved
+        outputs.append(member(inputs))
+    logits = layers.Average(name="mean_logits")(outputs) if len(outputs) > 1 else outputs[0]
+    return keras.Model(inputs, logits, name=f"ensemble_of_{len(members)}")

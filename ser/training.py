@@ -8,6 +8,7 @@ work under MultiWorkerMirroredStrategy inside Ray Train, so the step is written 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import os
@@ -64,6 +65,7 @@ class TrainConfig:
     surprise_weight: float = 1.5
     normalization: str = "global"
     seed: int = 42
+    ensemble: int = 1  # members trained with seeds seed, seed+1, ...; the bundle averages their logits
     max_files: int | None = None
     cache_dir: str = "~/.cache/ser/features"
     storage_path: str = "runs/ray"
@@ -77,6 +79,8 @@ class TrainConfig:
             raise ValueError(f"normalization: expected 'global' or 'per_band', got {self.normalization!r}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule: expected 'constant' or 'cosine', got {self.lr_schedule!r}")
+        if self.ensemble < 1:
+            raise ValueError(f"ensemble: expected at least 1 member, got {self.ensemble}")
         if self.batch_size % self.num_workers:
             raise ValueError(f"batch_size {self.batch_size} must divide evenly over {self.num_workers} workers")
 
@@ -229,6 +233,28 @@ def _file_scores(window_logits: np.ndarray, owner: np.ndarray, labels: np.ndarra
     }
 
 
+def validation_view(data: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Validation windows, the validation file (0..n-1) owning each, and the validation files' labels."""
+    sides, owner = data["sides"], data["file_index"]
+    val_files = np.flatnonzero(sides == "validation")
+    val_windows = np.flatnonzero(sides[owner] == "validation")
+    return val_windows, np.searchsorted(val_files, owner[val_windows]), data["labels"][val_files]
+
+
+def calibrate(model, data: dict) -> dict:
+    """Fit the temperature on validation; the card entries recording it and the scores before and after."""
+    val_windows, val_owner, val_labels = validation_view(data)
+    val_logits = _window_logits(model, data["features"][val_windows], data["mean"], data["std"])
+    temperature = calibration.fit_temperature(val_logits, val_owner, val_labels)
+    return {
+        "validation": {
+            "before_calibration": _file_scores(val_logits, val_owner, val_labels),
+            "after_calibration": _file_scores(val_logits, val_owner, val_labels, temperature),
+        },
+        "calibration": {"method": "temperature", "temperature": temperature, "fit_on": "validation"},
+    }
+
+
 def training_windows(data: dict) -> np.ndarray:
     """Indices of the windows of the training files in `data` (see `training_data`)."""
     return np.flatnonzero(data["sides"][data["file_index"]] == "train")
@@ -310,13 +336,9 @@ def train_loop_per_worker(cfg: dict) -> None:
         tf.config.experimental.set_memory_growth(gpu, True)
 
     data = ray.get(cfg["data"])
-    feats, owner, labels, sides = data["features"], data["file_index"], data["labels"], data["sides"]
-    mean, std = data["mean"], data["std"]
+    feats, owner, mean, std = data["features"], data["file_index"], data["mean"], data["std"]
     train_windows = training_windows(data)
-    val_files = np.flatnonzero(sides == "validation")
-    val_windows = np.flatnonzero(sides[owner] == "validation")
-    val_owner = np.searchsorted(val_files, owner[val_windows])
-    val_labels = labels[val_files]
+    val_windows, val_owner, val_labels = validation_view(data)
 
     strategy = tf.distribute.MultiWorkerMirroredStrategy() if world > 1 else tf.distribute.get_strategy()
     model, distributed_step = build_step(config, strategy, len(np.unique(owner[train_windows])))
@@ -348,17 +370,7 @@ def train_loop_per_worker(cfg: dict) -> None:
             ray.train.report(record)
             continue
         model.set_weights(best_weights)
-        val_logits = _window_logits(model, feats[val_windows], mean, std)
-        temperature = calibration.fit_temperature(val_logits, val_owner, val_labels)
-        before = _file_scores(val_logits, val_owner, val_labels)
-        after = _file_scores(val_logits, val_owner, val_labels, temperature)
-        card = {
-            **cfg["card"],
-            "history": history,
-            "best_epoch": best["epoch"],
-            "validation": {"before_calibration": before, "after_calibration": after},
-            "calibration": {"method": "temperature", "temperature": temperature, "fit_on": "validation"},
-        }
+        card = {**cfg["card"], "history": history, "best_epoch": best["epoch"], **calibrate(model, data)}
         checkpoint = None
         if rank == 0:
             out = Path(tempfile.mkdtemp(prefix="ser-bundle-"))
@@ -399,11 +411,34 @@ def training_data(config: TrainConfig, table: pd.DataFrame, feature_set: Feature
     }
 
 
-def train(config: TrainConfig, address: str | None = None) -> tuple[Path, dict]:
-    """Run the Ray Train job; returns the bundle folder and its model card."""
+def _fit(config: TrainConfig, data_ref, card: dict, run_name: str, target: Path) -> Path:
+    """One Ray Train run of `train_loop_per_worker`; its best bundle is copied to `target`."""
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.tensorflow import TensorflowTrainer
+
+    cpus = config.cpus_per_worker or max(1, int(ray.cluster_resources().get("CPU", 1)) // config.num_workers)
+    trainer = TensorflowTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": config, "data": data_ref, "card": card, "threads": cpus},
+        scaling_config=ScalingConfig(
+            num_workers=config.num_workers, use_gpu=config.use_gpu, resources_per_worker={"CPU": cpus}
+        ),
+        run_config=RunConfig(name=run_name, storage_path=str(Path(config.storage_path).resolve())),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training run {run_name} finished without a model checkpoint: {result.error}")
+    with result.checkpoint.as_directory() as checkpoint_dir:
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.copytree(checkpoint_dir, target)
+    return target
+
+
+def train(config: TrainConfig, address: str | None = None) -> tuple[Path, dict]:
+    """Run the Ray Train job (once per ensemble member); returns the bundle folder and its model card."""
+    import ray
 
     run_id = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
     name = config.name.format(protocol=config.protocol)
@@ -429,23 +464,64 @@ def train(config: TrainConfig, address: str | None = None) -> tuple[Path, dict]:
         "n_windows": len(feature_set.features),
         "num_workers": config.num_workers,
     }
-    cpus = config.cpus_per_worker or max(1, int(ray.cluster_resources().get("CPU", 1)) // config.num_workers)
-    trainer = TensorflowTrainer(
-        train_loop_per_worker,
-        train_loop_config={"config": config, "data": data_ref, "card": card, "threads": cpus},
-        scaling_config=ScalingConfig(
-            num_workers=config.num_workers, use_gpu=config.use_gpu, resources_per_worker={"CPU": cpus}
-        ),
-        run_config=RunConfig(name=run_id, storage_path=str(Path(config.storage_path).resolve())),
-    )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"training run {run_id} finished without a model checkpoint: {result.error}")
-    with result.checkpoint.as_directory() as checkpoint_dir:
-        if output.exists():
-            shutil.rmtree(output)
-        shutil.copytree(checkpoint_dir, output)
+    if config.ensemble == 1:
+        _fit(config, data_ref, card, run_id, output)
+    else:
+        members_dir = Path(config.storage_path).resolve() / run_id / "members"
+        members = []
+        for i in range(config.ensemble):
+            member = dataclasses.replace(config, seed=config.seed + i, ensemble=1)
+            member_card = {**card, "run_id": f"{run_id}-member{i}", "train_config": config_io.to_dict(member)}
+            members.append(_fit(member, data_ref, member_card, member_card["run_id"],
+                                members_dir / f"seed-{member.seed}"))
+        combine(members, output, data, card)
     final = bundle.read_card(output)
     final["train_seconds"] = round(time.perf_counter() - started, 1)
     bundle.write_card(output, final)
     return output, final
+
+
+def combine(members: list[Path], output: Path, data: dict, card: dict) -> Path:
+    """One bundle averaging the logits of member bundles trained on the same split and statistics;
+    its temperature is fitted again on validation."""
+    from ser.model import average_logits
+
+    loaded = [bundle.load(path) for path in members]
+    for member in loaded:
+        same_stats = np.array_equal(member.mean, data["mean"]) and np.array_equal(member.std, data["std"])
+        if member.card["data_fingerprint"] != card["data_fingerprint"] or not same_stats:
+            raise bundle.BundleError(f"{member.path}: trained on other data or statistics than the ensemble")
+    model = average_logits([member.model for member in loaded])
+    summary = [
+        {
+            "run_id": member.card["run_id"],
+            "seed": member.card["train_config"]["seed"],
+            "best_epoch": member.card["best_epoch"],
+            "validation_accuracy": member.card["validation"]["after_calibration"]["accuracy"],
+            "model_sha256": member.sha256,
+            "train_seconds": member.card.get("train_seconds"),
+        }
+        for member in loaded
+    ]
+    entries = {**card, "ensemble": {"combine": "mean of logits", "members": summary}, **calibrate(model, data)}
+    return bundle.save(output, model, data["mean"], data["std"], entries)
+
+
+def ensemble_bundles(members: list[Path], output: Path, cache_dir: str | None = None) -> tuple[Path, dict]:
+    """`ser ensemble`: combine bundles trained separately (same protocol and recipe, different seeds)."""
+    first = bundle.read_card(members[0])
+    values = dict(first["train_config"], ensemble=len(members), seed=first["train_config"]["seed"])
+    if cache_dir:
+        values["cache_dir"] = cache_dir
+    config = config_io.build(TrainConfig, values)
+    table, feature_set = prepare(config)
+    data = training_data(config, table, feature_set)
+    card = {
+        key: first[key]
+        for key in ("name", "classes", "model_config", "protocol", "split", "test_actors", "data_fingerprint",
+                    "n_files", "n_windows", "num_workers")
+    }
+    card["run_id"] = "ensemble-" + "+".join(bundle.read_card(path)["run_id"] for path in members)
+    card["train_config"] = config_io.to_dict(config)
+    out = combine(members, output, data, card)
+    return out, bundle.read_card(out)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from ser import bundle, features, ravdess
-from ser.model import ModelConfig, build_model
+from ser.model import ModelConfig, average_logits, build_model
 
 TINY = ModelConfig(conv_filters=(4, 8, 8), lstm_units=8)
 
@@ -88,3 +88,14 @@ def test_lambda_layer_refused_by_safe_mode(tmp_path):
     bundle.save(tmp_path, model, np.float32(0.0), np.float32(1.0), _card())
     with pytest.raises(bundle.BundleError, match=r"refused by safe loading.*Lambda"):
         bundle.load(tmp_path)
+
+
+def test_ensemble_averages_member_logits_and_loads_safely(tmp_path):
+    members = [build_model(TINY) for _ in range(3)]
+    x = np.random.default_rng(1).standard_normal((2, *features.FEATURE_SHAPE, 1)).astype(np.float32)
+    expected = np.mean([member(x, training=False) for member in members], axis=0)
+    mean, std = np.zeros((), np.float32), np.ones((), np.float32)
+    bundle.save(tmp_path, average_logits(members), mean, std, _card())
+    loaded = bundle.load(tmp_path)  # safe_mode=True: nested members and Average are plain serializable layers
+    np.testing.assert_allclose(loaded.model(x, training=False), expected, rtol=1e-5, atol=1e-6)
+    assert [layer.name for layer in loaded.model.layers[1:4]] == ["member_0", "member_1", "member_2"]

@@ -121,3 +121,21 @@ def test_train_on_ravdess_subset(tmp_path, feature_cache, ravdess_dir, local_ray
         tmp_path, feature_cache, data_dir=str(ravdess_dir), protocol="seed", max_files=60, num_workers=num_workers
     )
     assert card["split"] == {"train": 20, "validation": 20, "test": 20}
+
+
+def test_ensemble_training_and_ser_ensemble_agree(tmp_path, feature_cache, generated_corpus, local_ray):
+    config = training.TrainConfig(
+        data_dir=str(generated_corpus), epochs=1, batch_size=8, ensemble=2, output=str(tmp_path / "bundle"),
+        cache_dir=str(feature_cache), storage_path=str(tmp_path / "ray"), model=ModelConfig(conv_filters=(4, 8, 8),
+                                                                                             lstm_units=8),
+    )
+    out, card = training.train(config)
+    members = card["ensemble"]["members"]
+    assert [member["seed"] for member in members] == [42, 43]
+    assert members[0]["model_sha256"] != members[1]["model_sha256"]
+    member_dirs = sorted((tmp_path / "ray" / card["run_id"] / "members").iterdir())
+    assert [path.name for path in member_dirs] == ["seed-42", "seed-43"]
+    again, again_card = training.ensemble_bundles(member_dirs, tmp_path / "combined")
+    assert again_card["calibration"] == card["calibration"]
+    x = np.random.default_rng(0).standard_normal((2, *features.FEATURE_SHAPE, 1)).astype(np.float32)
+    np.testing.assert_array_equal(bundle.load(out).model(x), bundle.load(again).model(x))
