@@ -13,6 +13,7 @@ import click
 from ser import __version__, bundle, ravdess
 
 DEFAULT_DATA = "../shared/data/ravdess"
+RUN_FAILED = 3  # `ser label` exit code: the run stopped part-way (1: some files failed, 2: usage error)
 # TensorFlow's C++ start-up chatter (CUDA probing, CPU features) is noise for a command-line user.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -331,14 +332,39 @@ def train(config_path, protocol, data_dir, output, num_workers, epochs, seed, ov
         out, card = run_training(cfg, address=address)
     except FileNotFoundError as exc:
         _fail(str(exc))
+    _echo_trained(out, card, f"{card['train_seconds']:.0f} s")
+
+
+def _echo_trained(out: Path, card: dict, extra: str) -> None:
     val = card["validation"]["after_calibration"]
+    members = card.get("ensemble", {}).get("members")
+    chosen = f"ensemble of {len(members)}" if members else f"best epoch {card['best_epoch']}"
     click.echo(f"bundle: {out}")
     click.echo(
-        f"best epoch {card['best_epoch']}, validation accuracy {val['accuracy']:.4f}, "
-        f"ECE {val['ece']:.4f} at temperature {card['calibration']['temperature']:.3f}, "
-        f"{card['train_seconds']:.0f} s"
+        f"{chosen}, validation accuracy {val['accuracy']:.4f}, "
+        f"ECE {val['ece']:.4f} at temperature {card['calibration']['temperature']:.3f}, {extra}"
     )
-    click.echo(f"next: ser evaluate --model {out} --protocol {cfg.protocol}")
+    click.echo(f"next: ser evaluate --model {out} --protocol {card['protocol']}")
+
+
+@main.command()
+@click.argument("members", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="Bundle folder to write.")
+@click.option("--cache-dir", default=None, help="Feature cache [default: the members' training cache_dir].")
+def ensemble(members: tuple[Path, ...], output: Path, cache_dir: str | None) -> None:
+    """Combine bundles trained separately (same protocol and recipe, other seeds) into one bundle.
+
+    The bundle's model averages the members' logits; its temperature is fitted again on the validation
+    split. `ser train --set ensemble=N` trains N members and combines them in one go.
+    """
+    import_tensorflow_quietly()
+    from ser.training import ensemble_bundles
+
+    try:
+        out, card = ensemble_bundles(list(members), output, cache_dir)
+    except (bundle.BundleError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    _echo_trained(out, card, f"{len(members)} members")
 
 
 @main.command()
@@ -351,20 +377,28 @@ def train(config_path, protocol, data_dir, output, num_workers, epochs, seed, ov
     default=None,
     help="YAML config (see configs/label.yaml for every key and its default).",
 )
+@click.option(
+    "--root",
+    default=None,
+    help="Every input must lie inside this folder or s3:// prefix (symlinks resolved); relative paths in a list "
+    "file are taken from here. Inputs outside it refuse the run, naming them (exit 2).",
+)
 @click.option("--model", default=None, help="Model bundle folder [default: models/ravdess-actors].")
 @click.option("--force", is_flag=True, help="Relabel files already labeled with this model.")
 @click.option("--segments", is_flag=True, help="Also write one row per 3 s window to OUT/_segments.")
 @job_options
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def label(input_spec, output, config_path, model, force, segments, overrides, address, no_progress, print_config):
+def label(input_spec, output, config_path, root, model, force, segments, overrides, address, no_progress,
+          print_config):
     """Label every audio file of INPUT with its emotion, into a Parquet dataset at --output.
 
     INPUT is a folder or s3://bucket/prefix (recursive), a glob ('rec/**/*.wav'), a .txt file listing paths,
     or one file. Files already labeled by this model with the same path, size and mtime are skipped, so a
     nightly run labels new and changed files only. Unreadable files become rows with status=error. Exit
-    code: 0 all labeled, 1 some files failed, 2 usage or config error. Layout and schema: docs/LABELING.md.
+    code: 0 all labeled, 1 some files failed, 2 usage or config error, 3 the run failed part-way (storage or
+    cluster; run again to finish). Layout and schema: docs/LABELING.md; failures: docs/RELIABILITY.md.
     """
-    from ser.pipeline import InputError, LabelConfig, run, summary
+    from ser.pipeline import InputError, LabelConfig, RunFailed, run, summary
 
     cfg = _job_config(
         LabelConfig,
@@ -373,6 +407,7 @@ def label(input_spec, output, config_path, model, force, segments, overrides, ad
         print_config,
         input=input_spec,
         output=output,
+        root=root,
         model=model,
         force=force or None,
         segments=segments or None,
@@ -382,6 +417,8 @@ def label(input_spec, output, config_path, model, force, segments, overrides, ad
         manifest = run(cfg, address=address)
     except (InputError, bundle.BundleError, OSError) as exc:
         _fail(str(exc))
+    except RunFailed as exc:
+        _fail(str(exc), code=RUN_FAILED)
     click.echo(summary(manifest, cfg.output))
     for item in manifest["errors"][:10]:
         click.echo(f"error: {item['path']}: {item['error']}", err=True)

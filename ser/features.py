@@ -21,6 +21,7 @@ HOP_LENGTH = 520  # chosen so that a 3 s window gives exactly 128 centred frames
 N_MELS = 128
 TOP_DB = 80.0  # dynamic range kept below each window's peak
 AMIN = 1e-10  # power floor before the log
+FEATURE_BATCH_WINDOWS = 32  # windows per log_mel_batch call in file_features: ~60 MB of STFT working memory
 
 N_FRAMES = 1 + audio.N_SAMPLES // HOP_LENGTH
 FEATURE_SHAPE = (N_MELS, N_FRAMES)
@@ -81,11 +82,17 @@ def log_mel(window: np.ndarray) -> np.ndarray:
     return log_mel_batch(window[None, :])[0]
 
 
-def file_features(data: bytes | str, name: str = "") -> tuple[np.ndarray, np.ndarray, audio.AudioInfo]:
+def file_features(data: bytes | str) -> tuple[np.ndarray, np.ndarray, audio.AudioInfo]:
     """Bytes or path -> (features (n_windows, N_MELS, N_FRAMES), window starts in s, AudioInfo).
 
-    The single entry used by training, `ser predict` and the labeling job.
+    The single entry used by training, `ser predict` and the labeling job. Windows are cut and turned into
+    log-mels FEATURE_BATCH_WINDOWS at a time (each window's features do not depend on its batch), so a long
+    recording never holds all its windows or STFTs at once.
     """
-    samples, info = audio.decode(data, name)
-    frames, starts = audio.windows(samples)
-    return log_mel_batch(frames), starts, info
+    samples, info = audio.decode(data)
+    starts, end = audio.voiced_window_starts(samples)
+    feats = np.empty((len(starts), *FEATURE_SHAPE), np.float32)
+    for first in range(0, len(starts), FEATURE_BATCH_WINDOWS):
+        batch = starts[first : first + FEATURE_BATCH_WINDOWS]
+        feats[first : first + len(batch)] = log_mel_batch(audio.cut_windows(samples, batch, end))
+    return feats, starts / audio.SAMPLE_RATE, info

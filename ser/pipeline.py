@@ -13,8 +13,11 @@ import collections
 import hashlib
 import logging
 import math
+import os
 import posixpath
 import re
+import socket
+import stat
 import tempfile
 import time
 import uuid
@@ -37,10 +40,20 @@ DECODE_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THRE
 INFERENCE_ENV = {"TF_CPP_MIN_LOG_LEVEL": "3"}  # TensorFlow's C++ start-up chatter off, as in the `ser` commands
 FEATURIZED = ("etag", "error", "duration_s", "sample_rate", "channels", "processing_s", "features", "starts")
 ERROR_SAMPLE = 20  # error rows quoted in the manifest and the summary
+ESCAPES_QUOTED = 5  # inputs outside --root named in the error
+INTERRUPTED = ("the driver ended without recording an outcome (killed, its machine lost, or storage unreachable "
+               "when it failed); parts it committed are kept, its unfinished part was discarded, and later runs "
+               "label the files it did not commit")
+
+log = logging.getLogger(__name__)
 
 
 class InputError(ValueError):
     """A missing INPUT or output, an INPUT that names nothing that exists, or GPUs the cluster does not have."""
+
+
+class RunFailed(RuntimeError):
+    """The run stopped part-way (storage or cluster failure); its committed parts stay, the next run goes on."""
 
 
 @dataclass
@@ -72,6 +85,7 @@ class LabelConfig:
 
     input: str | None = None
     output: str | None = None
+    root: str | None = None
     model: str | None = None
     suffixes: tuple[str, ...] | None = None
     force: bool = False
@@ -136,38 +150,110 @@ def _row(fs: pafs.FileSystem, info: pafs.FileInfo) -> dict:
     }
 
 
+def _walk_local(base: str) -> list[pafs.FileInfo]:
+    """Everything but directories below local folder `base`, breadth-first and by name, skipping hidden names.
+
+    Directory links are followed, but each directory (by device and inode) is entered once, so a link to a
+    parent does not repeat its files. An entry that is no regular file, or whose link is dangling or a loop,
+    is kept too (type Unknown or NotFound): the decode stage turns it into an error row with the reason.
+    """
+    facts = os.stat(base)
+    seen, folders, infos = {(facts.st_dev, facts.st_ino)}, collections.deque([base]), []
+    while folders:
+        with os.scandir(folders.popleft()) as scan:
+            entries = sorted(scan, key=lambda entry: entry.name)
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            try:
+                facts = entry.stat()
+            except OSError:
+                infos.append(pafs.FileInfo(entry.path, pafs.FileType.NotFound))
+                continue
+            if stat.S_ISDIR(facts.st_mode):
+                if (facts.st_dev, facts.st_ino) not in seen:
+                    seen.add((facts.st_dev, facts.st_ino))
+                    folders.append(entry.path)
+            elif stat.S_ISREG(facts.st_mode):
+                infos.append(pafs.FileInfo(entry.path, pafs.FileType.File, size=facts.st_size,
+                                           mtime_ns=facts.st_mtime_ns))
+            else:
+                infos.append(pafs.FileInfo(entry.path, pafs.FileType.Unknown))
+    return infos
+
+
 def _walk(fs: pafs.FileSystem, base: str, suffixes: tuple[str, ...]) -> list[pafs.FileInfo]:
-    """Files below `base` ending in one of `suffixes` (lower case), recursively, skipping hidden names."""
-    infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
-    return [
-        i for i in infos
-        if i.type == pafs.FileType.File and i.path.lower().endswith(suffixes)
-        and not any(p.startswith(".") for p in i.path[len(base) :].split("/"))
-    ]
+    """Entries below `base` ending in one of `suffixes` (lower case), recursively, skipping hidden names.
+
+    On S3 these are the objects; a local walk also keeps the entries it cannot read (see `_walk_local`).
+    """
+    if isinstance(fs, pafs.LocalFileSystem):
+        infos = _walk_local(base)
+    else:
+        infos = [
+            i for i in fs.get_file_info(pafs.FileSelector(base, recursive=True))
+            if i.type == pafs.FileType.File and not any(p.startswith(".") for p in i.path[len(base) :].split("/"))
+        ]
+    return [i for i in infos if i.path.lower().endswith(suffixes)]
 
 
-def _listed(fs: pafs.FileSystem, path: str, s3: store.S3Options) -> list[dict]:
-    """Rows for the paths in a list file (blank lines and # comments skipped; relative to the list's folder)."""
+Location = tuple[pafs.FileSystem, str]
+
+
+def _inside(root: Location, fs: pafs.FileSystem, path: str) -> bool:
+    """Whether `path` lies inside the root folder or prefix (local symlinks resolved, `..` normalized)."""
+    root_fs, base = root
+    if type(fs) is not type(root_fs):
+        return False
+    if isinstance(fs, pafs.LocalFileSystem):
+        path, base = os.path.realpath(path), os.path.realpath(base)
+    else:  # S3 keys have no `..`, but a key that reads like one is refused all the same
+        path, base = posixpath.normpath(path), posixpath.normpath(base)
+    return path == base or path.startswith(base.rstrip("/") + "/")
+
+
+def _refuse(what: str, root: Location, escapes: list[str]) -> None:
+    """InputError naming the first inputs found outside --root, if any."""
+    if escapes:
+        more = f" and {len(escapes) - ESCAPES_QUOTED} more" if len(escapes) > ESCAPES_QUOTED else ""
+        raise InputError(f"{what}: {len(escapes)} input(s) outside --root {store.to_uri(*root)}: "
+                         f"{', '.join(escapes[:ESCAPES_QUOTED])}{more}")
+
+
+def _listed(fs: pafs.FileSystem, path: str, s3: store.S3Options, root: Location | None) -> list[dict]:
+    """Rows for the paths in a list file (blank lines and # comments skipped).
+
+    Relative paths are relative to `root` when given, else to the list's folder. With `root`, a path outside
+    it refuses the whole list (naming the lines) before anything is looked at.
+    """
     with fs.open_input_stream(path) as handle:
         lines = handle.readall().decode("utf-8", errors="replace").splitlines()
-    base = store.to_uri(fs, posixpath.dirname(path))
-    rows = []
-    for line in (s.strip() for s in lines):
+    base = store.to_uri(*root) if root else store.to_uri(fs, posixpath.dirname(path))
+    targets, escapes = [], []
+    for number, line in enumerate((s.strip() for s in lines), start=1):
         if not line or line.startswith("#"):
             continue
         absolute = line.startswith(store.S3_SCHEME) or line.startswith("/") or line.startswith("~")
         target_fs, target = store.resolve(line if absolute else posixpath.join(base, line), s3)
-        rows.append(_row(target_fs, target_fs.get_file_info(target)))
-    return rows
+        if root and not _inside(root, target_fs, target):
+            escapes.append(f"line {number} {line!r}")
+        targets.append((target_fs, target))
+    if root:
+        _refuse(store.to_uri(fs, path), root, escapes)
+    return [_row(target_fs, target_fs.get_file_info(target)) for target_fs, target in targets]
 
 
 def list_inputs(spec: str, s3: store.S3Options, exclude: str | None = None,
-                suffixes: tuple[str, ...] | None = None) -> list[dict]:
+                suffixes: tuple[str, ...] | None = None, root: str | None = None) -> list[dict]:
     """INPUT -> rows {path, size_bytes, mtime}, sorted by path and unique.
 
     INPUT is a folder or `s3://bucket/prefix` (recursive), a glob, a list file (LIST_SUFFIXES) or one file.
     Paths below `exclude` (the output location) are left out; `suffixes` filters folder and glob listings.
+    With `root` (a folder or prefix), every input must lie inside it, else InputError names those outside.
     """
+    where = store.resolve(root, s3) if root else None
+    if where and where[0].get_file_info(where[1]).type != pafs.FileType.Directory:
+        raise InputError(f"--root {root}: no such folder or S3 prefix")
     fs, path = store.resolve(spec, s3)
     magic = [path.find(c) for c in GLOB_CHARS if c in path]
     wanted = tuple(s.lower() for s in suffixes) if suffixes else ("",)
@@ -180,11 +266,13 @@ def list_inputs(spec: str, s3: store.S3Options, exclude: str | None = None,
         if info.type == pafs.FileType.Directory:
             rows = [_row(fs, i) for i in _walk(fs, path, wanted)]
         elif info.type == pafs.FileType.File and path.lower().endswith(LIST_SUFFIXES):
-            rows = _listed(fs, path, s3)
+            rows = _listed(fs, path, s3, where)
         elif info.type == pafs.FileType.File:
             rows = [_row(fs, info)]
         else:
             raise InputError(f"{spec}: no such file, folder or S3 prefix")
+    if where:  # folders and globs may hold symlinks that lead out
+        _refuse(spec, where, [repr(r["path"]) for r in rows if not _inside(where, *store.resolve(r["path"], s3))])
     if exclude:
         rows = [r for r in rows if not r["path"].startswith(exclude.rstrip("/") + "/")]
     return sorted({r["path"]: r for r in rows}.values(), key=lambda r: r["path"])
@@ -193,12 +281,31 @@ def list_inputs(spec: str, s3: store.S3Options, exclude: str | None = None,
 # ---------------------------------------------------------------- the decode stage (Ray tasks)
 
 
-def read_bytes(uri: str, s3: store.S3Options) -> tuple[bytes, str]:
-    """The whole object and its ETag ('' where the filesystem has none)."""
+REMOTE_IN_MEMORY_BYTES = 64 * 2**20  # remote objects up to this size are decoded from memory
+SPOOL_CHUNK_BYTES = 8 * 2**20  # larger ones are copied to a local temp file this much at a time
+
+
+def read_input(uri: str, s3: store.S3Options, spool: str) -> tuple[bytes | str, str]:
+    """The input as `features.file_features` takes it, and its ETag ('' where the filesystem has none).
+
+    A local file is its own path: it is decoded in place, streaming, never read whole. A remote object is
+    read into memory up to REMOTE_IN_MEMORY_BYTES; a larger one is copied to the local file `spool` and that
+    path returned, so memory stays bounded and a storage error surfaces here (safe to retry), not as a short
+    read in the middle of decoding.
+    """
     fs, path = store.resolve(uri, s3)
+    if isinstance(fs, pafs.LocalFileSystem):
+        return path, ""
     with fs.open_input_stream(path) as stream:
-        etag = (stream.metadata() or {}).get("ETag", b"")
-        return stream.readall(), etag.decode().strip('"')
+        etag = (stream.metadata() or {}).get("ETag", b"").decode().strip('"')
+        head = stream.read(REMOTE_IN_MEMORY_BYTES + 1)
+        if len(head) <= REMOTE_IN_MEMORY_BYTES:
+            return head, etag
+        with open(spool, "wb") as out:
+            out.write(head)
+            while chunk := stream.read(SPOOL_CHUNK_BYTES):
+                out.write(chunk)
+    return spool, etag
 
 
 def _reason(exc: BaseException) -> str:
@@ -211,8 +318,9 @@ def featurize_one(uri: str, s3: store.S3Options) -> dict:
     result = {"etag": "", "error": "", "duration_s": math.nan, "sample_rate": 0, "channels": 0,
               "features": np.zeros((0, *features.FEATURE_SHAPE), np.float32), "starts": np.zeros(0)}
     try:
-        data, result["etag"] = read_bytes(uri, s3)
-        feats, starts, info = features.file_features(data, uri)
+        with tempfile.TemporaryDirectory(prefix="ser-input-") as spool:
+            data, result["etag"] = store.read_listed(read_input, uri, s3, str(Path(spool) / "input"))
+            feats, starts, info = features.file_features(data)
         result |= {"duration_s": info.duration_s, "sample_rate": info.sample_rate, "channels": info.channels,
                    "features": feats, "starts": starts}
     except audio.DecodeError as exc:
@@ -430,6 +538,46 @@ def new_run_id() -> str:
     return store.now().strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
 
 
+def _driver_alive(manifest: dict) -> bool:
+    """Whether a 'running' manifest's driver is another live process on this host (that run is not over)."""
+    driver = manifest.get("driver") or {}
+    if driver.get("host") != socket.gethostname() or driver.get("pid") in (None, os.getpid()):
+        return False  # on another host there is no telling: one run per output at a time is the rule
+    try:
+        os.kill(driver["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # a live process of another user
+        return True
+    return True
+
+
+def recover(out: store.Store, run_id: str) -> list[str]:
+    """Mark runs whose driver died (still 'running', driver gone) 'interrupted' and clean up their staging.
+
+    Their manifests get the parts and counts actually committed (the kill may have come between a part and
+    its manifest update) and the time they were last heard of. Returns the run ids marked.
+    """
+    manifests = {m["run_id"]: m for m in out.manifests()}
+    busy = {r for r, m in manifests.items() if m.get("status") == "running" and _driver_alive(m)}
+    marked = []
+    for old_id, old in manifests.items():
+        if old.get("status") != "running" or old_id in busy or old_id == run_id:
+            continue
+        parts = out.committed_parts(old_id)
+        statuses = out.statuses(parts)
+        old["counts"] |= {"ok": statuses.count("ok"), "error": statuses.count("error")}
+        old |= {"status": "interrupted", "parts": parts, "segment_parts": out.committed_parts(old_id, segments=True),
+                "interrupted": {"found_by": run_id, "found_at": _stamp(), "last_update": old.get("updated_at"),
+                                "reason": INTERRUPTED}}
+        out.write_manifest(old)
+        marked.append(old_id)
+    for leftover in out.staged_runs():
+        if leftover not in busy:
+            out.discard_staging(leftover)
+    return marked
+
+
 def _manifest(cfg: LabelConfig, card: dict, model_path: Path, run_id: str) -> dict:
     began = store.now()
     return {
@@ -441,6 +589,8 @@ def _manifest(cfg: LabelConfig, card: dict, model_path: Path, run_id: str) -> di
         "finished_at": None,
         "input": store.redact(cfg.input),
         "output": store.redact(cfg.output),
+        "driver": {"host": socket.gethostname(), "pid": os.getpid()},
+        "recovered": [],
         "model": {"name": card["name"], "sha256": card["files"][bundle.MODEL_FILE], "path": str(model_path)},
         "feature_config_hash": features.feature_config_hash(),
         "config": store.redact(config_io.to_dict(cfg)),
@@ -471,8 +621,10 @@ def run(cfg: LabelConfig, address: str | None = None) -> dict:
     model_path = Path(cfg.model) if cfg.model else bundle.DEFAULT_MODEL
     files, card = bundle_files(model_path)
     out = store.Store(cfg.output, s3)
-    listing = list_inputs(cfg.input, s3, exclude=store.to_uri(out.fs, out.root), suffixes=cfg.suffixes)
+    listing = store.retrying(list_inputs, cfg.input, s3, exclude=store.to_uri(out.fs, out.root),
+                             suffixes=cfg.suffixes, root=cfg.root, what=f"listing {store.redact(cfg.input)}")
     manifest = _manifest(cfg, card, model_path, new_run_id())
+    manifest["recovered"] = recover(out, manifest["run_id"])
     done = set() if cfg.force else out.committed_keys(manifest["model"]["sha256"], manifest["feature_config_hash"],
                                                        ok_only=cfg.retry_errors)
     todo = [i for i, row in enumerate(listing) if store.key_of(row) not in done]
@@ -494,7 +646,15 @@ def run(cfg: LabelConfig, address: str | None = None) -> dict:
         committer.flush()
     except BaseException as exc:
         manifest |= {"status": "failed", "error": _reason(exc), "finished_at": _stamp()}
-        out.write_manifest(manifest)
+        try:
+            out.write_manifest(manifest)
+            out.discard_staging(manifest["run_id"])
+        except OSError as also:  # storage is gone too: the next run finds this run 'running' and marks it
+            log.warning("%s: could not record that run %s failed: %s", store.redact(cfg.output), manifest["run_id"],
+                        _reason(also))
+        if isinstance(exc, Exception):
+            raise RunFailed(f"run {manifest['run_id']} failed: {_reason(exc)}; its committed parts are kept and "
+                            "the next run labels the rest") from exc
         raise
     label_seconds = time.perf_counter() - labelling
     labeled = manifest["counts"]["ok"] + manifest["counts"]["error"]

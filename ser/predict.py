@@ -114,7 +114,7 @@ class Predictor:
 
     def predict_file(self, data: bytes | str, name: str = "") -> FilePrediction:
         """Bytes or a path -> FilePrediction; raises audio.DecodeError for unusable input."""
-        feats, starts, info = features.file_features(data, name)
+        feats, starts, info = features.file_features(data)
         return self.predict_features(feats, starts, info, name or str(data))
 
     def predict_files(self, paths: Iterable[str]) -> Iterable[FilePrediction | audio.DecodeError]:
@@ -123,7 +123,7 @@ class Predictor:
         n_windows = 0
         for path in paths:
             try:
-                feats, starts, info = features.file_features(str(path), str(path))
+                feats, starts, info = features.file_features(str(path))
             except audio.DecodeError as exc:
                 yield from self._flush(pending)
                 pending, n_windows = [], 0

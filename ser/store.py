@@ -15,17 +15,23 @@ appended: a file relabeled because it changed (or with --force) gets a newer row
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
+import logging
 import os
 import posixpath
 import re
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -43,6 +49,21 @@ PROB_COLUMNS = tuple(f"prob_{name}" for name in EMOTIONS)
 SKIP_KEY = ("path", "size_bytes", "mtime")  # with the model hash and feature hash: "already labeled"
 REDACTED = "***"
 _SECRET_KEY = re.compile(r"secret|password|passwd|token|credential|access_key|private", re.IGNORECASE)
+# Storage operations are retried on transient errors (connection refused or reset, 5xx, throttling) with
+# exponential backoff: 0.5, 1, 2, 4 s between the RETRY_ATTEMPTS tries, about 10 s in all with the S3 client's
+# own quick retries. Missing objects and denied access are final at once. An input that still cannot be read
+# becomes an error row saying GAVE_UP, and the next run tries it again (it is not "already labeled").
+RETRY_ATTEMPTS = 5
+RETRY_FIRST_DELAY_S = 0.5
+GAVE_UP = "gave up after"
+_TRANSIENT = re.compile(
+    r"AWS Error (NETWORK_CONNECTION|SERVICE_UNAVAILABLE|INTERNAL_FAILURE|SLOW_DOWN|THROTTLING|REQUEST_TIMEOUT)"
+    r"|HTTP status 5\d\d|curlCode"
+)
+GONE = "no longer exists (deleted or moved after listing)"
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 UTC_US = pa.timestamp("us", tz="UTC")
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
@@ -127,6 +148,44 @@ def resolve(uri: str, s3: S3Options) -> tuple[pafs.FileSystem, str]:
 def to_uri(fs: pafs.FileSystem, path: str) -> str:
     """The inverse of `resolve`: what the `path` column holds."""
     return S3_SCHEME + path if isinstance(fs, pafs.S3FileSystem) else path
+
+
+def transient(exc: BaseException) -> bool:
+    """Whether a storage error may go away by itself: S3 unreachable, throttling, server errors."""
+    return (isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError | PermissionError)
+            and bool(_TRANSIENT.search(str(exc))))
+
+
+def retrying(fn: Callable[..., T], *args, what: str, **kwargs) -> T:
+    """`fn(*args, **kwargs)`, tried again with exponential backoff while it fails with a transient error.
+
+    Only for operations that are safe to repeat. After the last try the error is re-raised as one OSError
+    line saying what was tried, how often and for how long.
+    """
+    started, attempt = time.monotonic(), 1
+    while True:
+        try:
+            return fn(*args, **kwargs)
+        except OSError as exc:
+            if not transient(exc):
+                raise
+            reason = str(exc).strip().splitlines()[0]
+            if attempt == RETRY_ATTEMPTS:
+                raise OSError(f"{what}: {GAVE_UP} {attempt} tries in {time.monotonic() - started:.0f} s: "
+                              f"{reason}") from exc
+            delay = RETRY_FIRST_DELAY_S * 2 ** (attempt - 1)
+            attempt += 1
+            log.warning("%s: transient storage error, try %d of %d in %.1f s: %s", what, attempt, RETRY_ATTEMPTS,
+                        delay, reason)
+            time.sleep(delay)
+
+
+def read_listed(read: Callable[..., T], uri: str, *args) -> T:
+    """`read(uri, *args)` for a listed input, with retries; FileNotFoundError says the file is gone."""
+    try:
+        return retrying(read, uri, *args, what=f"reading {redact(uri)}")
+    except FileNotFoundError:
+        raise FileNotFoundError(GONE) from None
 
 
 def redact(value):
@@ -216,15 +275,28 @@ class Store:
     def _path(self, *parts: str) -> str:
         return posixpath.join(self.root, *parts)
 
+    def _write(self, path: str, data: bytes) -> None:
+        with self.fs.open_output_stream(path) as out:
+            out.write(data)
+
+    def _delete(self, path: str) -> None:
+        with contextlib.suppress(FileNotFoundError):  # gone already: a retried delete
+            self.fs.delete_file(path)
+
     def _publish(self, data: bytes, final: str, run_id: str) -> str:
         """Write `data` under the run's staging folder, then move it to `final` in one step."""
         staging = self._path(STAGING_DIR, run_id, posixpath.basename(final))
-        if isinstance(self.fs, pafs.LocalFileSystem):  # S3 has no folders to make
+        if isinstance(self.fs, pafs.LocalFileSystem):  # an atomic rename; local errors are never transient
             self.fs.create_dir(posixpath.dirname(staging), recursive=True)
             self.fs.create_dir(posixpath.dirname(final), recursive=True)
-        with self.fs.open_output_stream(staging) as out:
-            out.write(data)
-        self.fs.move(staging, final)
+            self._write(staging, data)
+            self.fs.move(staging, final)
+            return final
+        # S3: upload, server-side copy (the object appears whole or not at all), delete; each safe to repeat
+        where = to_uri(self.fs, final)
+        retrying(self._write, staging, data, what=f"uploading {where}")
+        retrying(self.fs.copy_file, staging, final, what=f"publishing {where}")
+        retrying(self._delete, staging, what=f"cleaning up after {where}")
         return final
 
     def commit(self, table: pa.Table, run_id: str, run_date: str, chunk: int, segments: bool = False) -> str:
@@ -236,19 +308,32 @@ class Store:
         return self._publish(sink.getvalue().to_pybytes(), self._path(*base, f"{PARTITION}={run_date}", name), run_id)
 
     def write_manifest(self, manifest: dict) -> str:
-        """(Re)write `_runs/<run_id>.json`; readers see the old or the new version, never a mix."""
+        """(Re)write `_runs/<run_id>.json` stamped `updated_at`; readers see the old or the new version, never a mix."""
+        manifest["updated_at"] = now().isoformat(timespec="seconds")
         data = (json.dumps(manifest, indent=2, default=str) + "\n").encode()
         run_id = manifest["run_id"]
         return self._publish(data, self._path(RUNS_DIR, f"{run_id}.json"), run_id)
 
     def discard_staging(self, run_id: str) -> None:
         """Remove what the run left in staging (nothing, after a clean finish)."""
+        retrying(self._discard_staging, run_id, what=f"cleaning {self.uri}/{STAGING_DIR}/{run_id}")
+
+    def staged_runs(self) -> list[str]:
+        """Ids of the runs that have something under `_staging/`."""
+        selector = pafs.FileSelector(self._path(STAGING_DIR), allow_not_found=True)
+        infos = retrying(self.fs.get_file_info, selector, what=f"listing {self.uri}/{STAGING_DIR}")
+        return sorted(posixpath.basename(i.path) for i in infos if i.type == pafs.FileType.Directory)
+
+    def _discard_staging(self, run_id: str) -> None:
         folder = self._path(STAGING_DIR, run_id)
         if self.fs.get_file_info(folder).type == pafs.FileType.Directory:
             self.fs.delete_dir(folder)
 
     def dataset(self, schema: pa.Schema = SCHEMA, segments: bool = False) -> pads.Dataset | None:
         """The committed parts as a pyarrow dataset (None when there are none yet)."""
+        return retrying(self._dataset, schema, segments, what=f"listing {self.uri}")
+
+    def _dataset(self, schema: pa.Schema, segments: bool) -> pads.Dataset | None:
         root = self._path(SEGMENTS_DIR) if segments else self.root
         if self.fs.get_file_info(root).type != pafs.FileType.Directory:
             return None
@@ -258,18 +343,42 @@ class Store:
         return data if data.files else None
 
     def committed_keys(self, model_sha256: str, feature_hash: str, ok_only: bool = False) -> set[tuple]:
-        """(path, size_bytes, mtime) of the committed rows made with this model and feature stage."""
+        """(path, size_bytes, mtime) of the rows committed with this model and feature stage.
+
+        Rows of inputs that storage failures kept from being read do not count: those are tried again.
+        """
         data = self.dataset()
         if data is None:
             return set()
         same = (pads.field("model_sha256") == model_sha256) & (pads.field("feature_config_hash") == feature_hash)
+        error = pads.field("status") == "error"
+        same &= ~(error & pc.match_substring(pads.field("error"), GAVE_UP))
         if ok_only:
-            same &= pads.field("status") == "ok"
-        table = data.to_table(columns=list(SKIP_KEY), filter=same)
+            same &= ~error
+        table = retrying(data.to_table, columns=list(SKIP_KEY), filter=same, what=f"reading {self.uri}")
         return set(zip(*(table.column(c).to_pylist() for c in SKIP_KEY), strict=True))
+
+    def committed_parts(self, run_id: str, segments: bool = False) -> list[str]:
+        """The parts a run committed to the file table (or to the segment table)."""
+        data = self.dataset(SEGMENT_SCHEMA if segments else SCHEMA, segments)
+        prefix = f"part-{run_id}-"
+        return sorted(f for f in (data.files if data else []) if posixpath.basename(f).startswith(prefix))
+
+    def statuses(self, parts: list[str]) -> list[str]:
+        """The `status` of every row in these parts of the file table."""
+        if not parts:
+            return []
+
+        def read() -> pa.Table:
+            return pads.dataset(parts, filesystem=self.fs, format="parquet", schema=SCHEMA).to_table(columns=["status"])
+
+        return retrying(read, what=f"reading {self.uri}").column("status").to_pylist()
 
     def manifests(self) -> list[dict]:
         """All run manifests, oldest first."""
+        return retrying(self._manifests, what=f"reading {self.uri}/{RUNS_DIR}")
+
+    def _manifests(self) -> list[dict]:
         selector = pafs.FileSelector(self._path(RUNS_DIR), allow_not_found=True)
         found = sorted(i.path for i in self.fs.get_file_info(selector) if i.path.endswith(".json"))
         manifests = []

@@ -16,6 +16,8 @@ from conftest import ROOT, write_audio
 
 SER = str(Path(sys.executable).with_name("ser"))
 SECRET = "s3cr3t-DO-NOT-LEAK-4f9a"  # the dummy secret key: must never show up in logs, manifests or Parquet
+ACCESS_KEY = "AKIANOLEAK7Q3ZX5"  # the dummy access key id: kept out of everything the same way
+BUCKET = "ser-test"
 
 
 def write_mixed_collection(root: Path) -> dict[str, str]:
@@ -54,6 +56,22 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def s3_env(url: str) -> dict[str, str]:
+    """What an S3 client needs to reach the test server at `url`, credentials in the environment."""
+    return {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": url}
+
+
+def _serve_s3(monkeypatch, url: str) -> dict[str, str]:
+    env = s3_env(url)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    import boto3
+
+    boto3.client("s3", endpoint_url=url).create_bucket(Bucket=BUCKET)
+    return env
+
+
 @pytest.fixture
 def s3_server(monkeypatch):
     """A real S3 API (moto) on 127.0.0.1 with a bucket `ser-test`; yields the env a client needs."""
@@ -62,16 +80,20 @@ def s3_server(monkeypatch):
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
-    env = {
-        "AWS_ACCESS_KEY_ID": "AKIATESTDUMMY",
-        "AWS_SECRET_ACCESS_KEY": SECRET,
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-    }
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    import boto3
-
-    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"]).create_bucket(Bucket="ser-test")
-    yield env
+    yield _serve_s3(monkeypatch, f"http://127.0.0.1:{port}")
     server.stop()
+
+
+@pytest.fixture
+def faulty_s3(monkeypatch):
+    """Like `s3_server`, but the server can be stopped, restarted and made to hold requests (e2e/faults.py)."""
+    from moto.backends import get_backend
+
+    from e2e.faults import FaultyS3
+
+    server = FaultyS3(free_port())
+    server.start()
+    server.env = _serve_s3(monkeypatch, server.url)
+    yield server
+    server.close()
+    get_backend("s3").reset()  # moto keeps buckets in this process: the next test starts empty

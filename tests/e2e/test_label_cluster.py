@@ -23,7 +23,7 @@ import psutil
 import pytest
 from conftest import ROOT, write_audio
 
-from e2e.conftest import free_port, read_output
+from e2e.conftest import ACCESS_KEY, BUCKET, SECRET, free_port, read_output
 
 BIN = Path(sys.executable).parent
 RAY = str(BIN / "ray")
@@ -114,7 +114,7 @@ def _start_cluster(nodes: list[subprocess.Popen], env: dict, logs: Path, temp: s
         _wait(lambda: _answers(f"{url}/api/version"), "the dashboard", nodes)
     nodes.append(_start([f"--address={address}"], env, logs / "worker.log"))
     _wait(lambda: len(_alive_nodes(address, env)) == 2, "two nodes", nodes)
-    return SimpleNamespace(address=address, url=url, env=env, node_ids=_alive_nodes(address, env))
+    return SimpleNamespace(address=address, url=url, env=env, node_ids=_alive_nodes(address, env), temp=temp)
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +124,8 @@ def two_node_cluster(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"  # `python` in the job is this environment's
     env["RAY_AUTH_MODE"] = "token"  # nodes and CLI calls share the token in ~/.ray (made by the head if missing)
+    # the nodes' own S3 credentials, as on a real cluster; the secrets test checks that they stay there
+    env |= {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1"}
     for attempt in range(START_ATTEMPTS):
         nodes: list[subprocess.Popen] = []
         temp = tempfile.mkdtemp(prefix="sr", dir="/tmp")  # Ray's session folder; short, for its socket paths
@@ -177,3 +179,47 @@ def test_ray_job_submit_labels_on_both_nodes(tmp_path, tiny_bundle, two_node_clu
     assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-4000:]
     assert "succeeded" in job.stdout.lower()
     _check_run(tmp_path / "out", two_node_cluster.node_ids)
+
+
+JOBS_SCRIPT = """
+import json, sys, time
+from ray.job_submission import JobStatus, JobSubmissionClient
+
+client = JobSubmissionClient(sys.argv[1])
+ids = [client.submit_job(entrypoint=entrypoint) for entrypoint in json.loads(sys.argv[2])]
+deadline = time.monotonic() + 480
+while not all(client.get_job_status(i).is_terminal() for i in ids) and time.monotonic() < deadline:
+    time.sleep(1)
+print(json.dumps({"jobs": {i: {"status": str(client.get_job_status(i)), "info": repr(client.get_job_info(i)),
+                               "logs": client.get_job_logs(i)} for i in ids},
+                  "list": repr(client.list_jobs())}))
+"""
+
+
+def test_job_metadata_logs_and_session_keep_credentials_secret(tmp_path, tiny_bundle, two_node_cluster, faulty_s3):
+    """Jobs reading S3 with the nodes' credentials: job info, job list, logs and the session folder lack them."""
+    if not two_node_cluster.url:
+        pytest.skip("`ray job submit` needs Ray's dashboard: pip install 'ray[default]'")
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=faulty_s3.url)
+    for i in range(2):
+        client.upload_file(str(write_audio(tmp_path / f"c{i}.wav", 1.0, seed=i)), BUCKET, f"calls/c{i}.wav")
+    job = ["python", "-m", "jobs.label", f"s3://{BUCKET}/calls", "--model", str(tiny_bundle), "--no-progress",
+           "--set", f"s3.endpoint_override={faulty_s3.url}", "--output"]
+    entrypoints = [" ".join([*job, f"s3://{BUCKET}/labels"]), " ".join([*job, "s3://no-such-bucket/labels"])]
+    done = subprocess.run([sys.executable, "-c", JOBS_SCRIPT, two_node_cluster.url, json.dumps(entrypoints)],
+                          env=two_node_cluster.env, capture_output=True, text=True, timeout=540)
+    assert done.returncode == 0, done.stderr[-4000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    good, bad = report["jobs"].values()
+    assert good["status"].endswith("SUCCEEDED"), good["logs"][-4000:]
+    assert bad["status"].endswith("FAILED") and "no-such-bucket" in bad["info"]  # its error is in the metadata
+    assert {r.key_id for r in faulty_s3.requests if "/calls/" in r.path} == {ACCESS_KEY}  # the nodes' key
+    assert client.list_objects_v2(Bucket=BUCKET, Prefix="labels/run_date=")["KeyCount"] == 1
+
+    session = [p for p in Path(two_node_cluster.temp).rglob("*") if p.is_file() and not p.is_symlink()
+               and "runtime_resources" not in p.parts]  # (the code shipped to jobs, this test's constants included)
+    assert any(p.name.startswith("job-driver-") for p in session)
+    places = {"job api": done.stdout.encode(), **{str(p): p.read_bytes() for p in session}}
+    assert not [where for where, data in places.items() if SECRET.encode() in data or ACCESS_KEY.encode() in data]
