@@ -60,7 +60,7 @@ class RunFailed(RuntimeError):
 class DecodeConfig:
     """Read + decode + resample + log-mel tasks (one CPU each, single-threaded math)."""
 
-    batch_size: int = 4
+    batch_size: int = 16
     num_cpus: float = 1.0
     concurrency: int | None = None
 
@@ -69,7 +69,7 @@ class DecodeConfig:
 class InferenceConfig:
     """The actor pool that holds the model."""
 
-    batch_size: int = 32
+    batch_size: int = 64
     gpu_batch_size: int = 256
     window_batch_size: int = DEFAULT_BATCH_SIZE
     gpu_window_batch_size: int = 512
