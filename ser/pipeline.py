@@ -652,7 +652,7 @@ def run(cfg: LabelConfig, address: str | None = None) -> dict:
         except OSError as also:  # storage is gone too: the next run finds this run 'running' and marks it
             log.warning("%s: could not record that run %s failed: %s", store.redact(cfg.output), manifest["run_id"],
                         _reason(also))
-        if isinstance(exc, Exception):
+        if isinstance(exc, Exception) and not isinstance(exc, InputError):  # usage errors stay usage errors
             raise RunFailed(f"run {manifest['run_id']} failed: {_reason(exc)}; its committed parts are kept and "
                             "the next run labels the rest") from exc
         raise
