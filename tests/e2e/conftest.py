@@ -75,6 +75,7 @@ def _serve_s3(monkeypatch, url: str) -> dict[str, str]:
 @pytest.fixture
 def s3_server(monkeypatch):
     """A real S3 API (moto) on 127.0.0.1 with a bucket `ser-test`; yields the env a client needs."""
+    from moto.backends import get_backend
     from moto.server import ThreadedMotoServer
 
     port = free_port()
@@ -82,6 +83,7 @@ def s3_server(monkeypatch):
     server.start()
     yield _serve_s3(monkeypatch, f"http://127.0.0.1:{port}")
     server.stop()
+    get_backend("s3").reset()  # moto keeps buckets in this process: the next test starts empty
 
 
 @pytest.fixture

@@ -32,7 +32,7 @@ def test_killed_run_leaves_whole_rows_and_rerun_finishes(tmp_path, tiny_bundle):
     for i in range(N_FILES):
         write_audio(folder / f"clip{i:02d}.wav", 1.0, seed=i)
     args = ["label", str(folder), "--output", str(out), "--model", str(tiny_bundle), "--no-progress",
-            "--set", "commit_every=2", "--set", "inference.batch_size=2"]
+            "--set", "commit_every=2", "--set", "decode.batch_size=2", "--set", "inference.batch_size=2"]
 
     with open(tmp_path / "driver.log", "w") as log:
         driver = subprocess.Popen([SER, *args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
