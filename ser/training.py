@@ -510,7 +510,7 @@ def combine(members: list[Path], output: Path, data: dict, card: dict) -> Path:
 def ensemble_bundles(members: list[Path], output: Path, cache_dir: str | None = None) -> tuple[Path, dict]:
     """`ser ensemble`: combine bundles trained separately (same protocol and recipe, different seeds)."""
     first = bundle.read_card(members[0])
-    values = dict(first["train_config"], ensemble=len(members), seed=first["train_config"]["seed"])
+    values = dict(first["train_config"], ensemble=len(members))
     if cache_dir:
         values["cache_dir"] = cache_dir
     config = config_io.build(TrainConfig, values)
