@@ -23,6 +23,7 @@ class ModelConfig:
     conv_dropout: float = 0.2
     lstm_units: int = 128
     head_dropout: float = 0.3
+    instance_norm: bool = False  # standardize each input per mel band over its own frames (speaker robustness)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -54,10 +55,28 @@ class Attention(layers.Layer):
         return (input_shape[0], input_shape[-1])
 
 
+@keras.saving.register_keras_serializable(package="ser")
+class InstanceNorm(layers.Layer):
+    """Per-utterance normalization: each sample's mel bands to zero mean, unit variance over its own frames.
+
+    Removes what is constant within a recording (the speaker's and the channel's spectral envelope), the
+    cepstral mean and variance normalization of speech recognition, inside the graph so every inference
+    path applies it.
+    """
+
+    epsilon = 1e-3
+
+    def call(self, inputs):
+        mean = keras.ops.mean(inputs, axis=2, keepdims=True)
+        variance = keras.ops.var(inputs, axis=2, keepdims=True)
+        return (inputs - mean) / keras.ops.sqrt(variance + self.epsilon)
+
+
 def build_model(config: ModelConfig = ModelConfig()) -> keras.Model:
-    """Conv2D -> MaxPool -> BatchNorm -> Dropout (x3), then BiLSTM over time, Attention, Dropout, Dense logits."""
+    """[InstanceNorm], then Conv2D -> MaxPool -> BatchNorm -> Dropout (x3), BiLSTM over time, Attention,
+    Dropout, Dense logits."""
     inputs = keras.Input(shape=(*features.FEATURE_SHAPE, 1), name="log_mel")
-    x = inputs
+    x = InstanceNorm(name="instance_norm")(inputs) if config.instance_norm else inputs
     for filters in config.conv_filters:
         x = layers.Conv2D(filters, 3, padding="same", activation="relu")(x)
         x = layers.MaxPooling2D(2)(x)

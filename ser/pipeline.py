@@ -10,6 +10,7 @@ chunks through `store.Store`, so a killed run keeps its finished chunks and the 
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import logging
 import math
@@ -73,8 +74,8 @@ class InferenceConfig:
     gpu_batch_size: int = 256
     window_batch_size: int = DEFAULT_BATCH_SIZE
     gpu_window_batch_size: int = 512
-    min_actors: int = 1
-    max_actors: int = 1
+    min_actors: int | None = None
+    max_actors: int | None = None
     num_cpus: float = 1.0
     num_gpus: float | None = None
 
@@ -95,6 +96,7 @@ class LabelConfig:
     commit_seconds: float = 120.0
     low_confidence: float = 0.5
     progress: bool = True
+    fused: bool | None = None
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     s3: store.S3Options = field(default_factory=store.S3Options)
@@ -110,12 +112,14 @@ class LabelConfig:
             "inference.window_batch_size": self.inference.window_batch_size,
             "inference.gpu_window_batch_size": self.inference.gpu_window_batch_size,
             "inference.min_actors": self.inference.min_actors,
+            "inference.max_actors": self.inference.max_actors,
         }
         for key, value in positive.items():
-            if value <= 0:
+            if value is not None and value <= 0:
                 raise ValueError(f"{key}: must be positive, got {value}")
-        if self.inference.max_actors < self.inference.min_actors:
-            raise ValueError(f"inference.max_actors: {self.inference.max_actors} is below min_actors")
+        lowest, highest = self.inference.min_actors, self.inference.max_actors
+        if lowest is not None and highest is not None and highest < lowest:
+            raise ValueError(f"inference.max_actors: {highest} is below min_actors")
         if not 0.0 <= self.low_confidence <= 1.0:
             raise ValueError(f"low_confidence: expected a probability in [0, 1], got {self.low_confidence}")
 
@@ -289,9 +293,9 @@ def read_input(uri: str, s3: store.S3Options, spool: str) -> tuple[bytes | str, 
     """The input as `features.file_features` takes it, and its ETag ('' where the filesystem has none).
 
     A local file is its own path: it is decoded in place, streaming, never read whole. A remote object is
-    read into memory up to REMOTE_IN_MEMORY_BYTES; a larger one is copied to the local file `spool` and that
-    path returned, so memory stays bounded and a storage error surfaces here (safe to retry), not as a short
-    read in the middle of decoding.
+    read into memory up to REMOTE_IN_MEMORY_BYTES; a larger one is copied to the local file `spool` (unused
+    for local inputs) and that path returned, so memory stays bounded and a storage error surfaces here (safe
+    to retry), not as a short read in the middle of decoding.
     """
     fs, path = store.resolve(uri, s3)
     if isinstance(fs, pafs.LocalFileSystem):
@@ -318,8 +322,10 @@ def featurize_one(uri: str, s3: store.S3Options) -> dict:
     result = {"etag": "", "error": "", "duration_s": math.nan, "sample_rate": 0, "channels": 0,
               "features": np.zeros((0, *features.FEATURE_SHAPE), np.float32), "starts": np.zeros(0)}
     try:
-        with tempfile.TemporaryDirectory(prefix="ser-input-") as spool:
-            data, result["etag"] = store.read_listed(read_input, uri, s3, str(Path(spool) / "input"))
+        with contextlib.ExitStack() as cleanup:
+            spool = "" if not uri.startswith(store.S3_SCHEME) else str(
+                Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="ser-input-"))) / "input")
+            data, result["etag"] = store.read_listed(read_input, uri, s3, spool)
             feats, starts, info = features.file_features(data)
         result |= {"duration_s": info.duration_s, "sample_rate": info.sample_rate, "channels": info.channels,
                    "features": feats, "starts": starts}
@@ -373,11 +379,13 @@ def bundle_files(path: str | Path) -> tuple[dict[str, bytes], dict]:
 class PredictorActor:
     """Ray Data actor: loads the model once, then labels batches of files, all their windows in one call."""
 
-    def __init__(self, files: dict[str, bytes], window_batch_size: int, threads: int):
+    def __init__(self, files: dict[str, bytes], window_batch_size: int, threads: int, segments: bool = False):
         import ray
 
         from ser.cli import import_tensorflow_quietly
 
+        # Set here, not as a runtime_env: an actor without one starts in a worker Ray has already started.
+        os.environ.update(INFERENCE_ENV)
         import_tensorflow_quietly()
         import tensorflow as tf
 
@@ -390,20 +398,34 @@ class PredictorActor:
                 (Path(folder) / name).write_bytes(data)
             self.predictor = Predictor(bundle.load(folder), batch_size=window_batch_size)
         self.node = ray.get_runtime_context().get_node_id()
+        self.segments = segments
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        feats = list(batch.pop("features"))
+        feats, starts = list(batch.pop("features")), batch.pop("starts")
         n_windows = np.asarray([len(f) for f in feats], dtype=np.int64)
         window_probs = self.predictor.probabilities(np.concatenate(feats))
         probs = mean_by_file(window_probs, np.repeat(np.arange(len(feats)), n_windows), len(feats))
         probs[n_windows == 0] = np.nan
-        return {
-            **batch,
-            "n_windows": n_windows,
-            "probs": probs,
-            "window_probs": _objects(np.split(window_probs, np.cumsum(n_windows)[:-1])),
-            "inference_node": np.asarray([self.node] * len(feats)),
-        }
+        out = {**batch, "n_windows": n_windows, "probs": probs, "inference_node": np.asarray([self.node] * len(feats))}
+        if self.segments:  # per-window values travel to the driver only when it writes segment rows
+            out |= {"starts": starts, "window_probs": _objects(np.split(window_probs, np.cumsum(n_windows)[:-1]))}
+        return out
+
+
+class FusedActor(PredictorActor):
+    """Ray Data actor for CPU-only clusters: decodes its batch of inputs and scores it in the same process,
+    so the features (64 KiB per window) never cross processes and one actor per core does all the work."""
+
+    def __init__(self, files: dict[str, bytes], window_batch_size: int, threads: int, s3: store.S3Options,
+                 segments: bool = False):
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(1)  # what DECODE_ENV does for decode tasks, for the math libraries already loaded
+        super().__init__(files, window_batch_size, threads, segments)
+        self.s3 = s3
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return super().__call__(featurize(batch, self.s3))
 
 
 # ---------------------------------------------------------------- the driver
@@ -422,6 +444,7 @@ def connect(address: str | None) -> None:
     context = DataContext.get_current()
     context.enable_progress_bars = False  # the job draws its own files/s bar
     context.print_on_execution_start = False
+    context.memory_usage_poll_interval_s = None  # a polling thread per task call, for stats the job never reads
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
@@ -434,45 +457,73 @@ def inference_gpus(cfg: InferenceConfig, cluster_gpus: float) -> float:
     """
     if cfg.num_gpus is None:
         return 1.0 if cluster_gpus > 0 else 0.0
-    needed = cfg.num_gpus * cfg.min_actors
+    min_actors = cfg.min_actors or 1  # unset: GPU actors are not fused, so the pool starts with one
+    needed = cfg.num_gpus * min_actors
     if needed > cluster_gpus:
         raise InputError(
-            f"inference.num_gpus={cfg.num_gpus:g} with min_actors={cfg.min_actors} needs {needed:g} GPUs, but the "
+            f"inference.num_gpus={cfg.num_gpus:g} with min_actors={min_actors} needs {needed:g} GPUs, but the "
             f"cluster has {cluster_gpus:g}; set inference.num_gpus=0 (CPU) or null (GPU when present)"
         )
     return cfg.num_gpus
 
 
+def pool_size(cfg: InferenceConfig, fused: bool, gpus: float, cluster_cpus: float, blocks: int) -> tuple[int, int]:
+    """(min, max) actors of the pool: as configured, else one actor, or, when CPU actors also decode (they
+    then do all the work), one per `num_cpus` of the cluster's CPUs but no more than there are input blocks."""
+    default = max(1, min(blocks, int(cluster_cpus // cfg.num_cpus))) if fused and not gpus else 1
+    lowest = cfg.min_actors or min(default, cfg.max_actors or default)
+    return lowest, cfg.max_actors or max(lowest, default)
+
+
+def fuses(cfg: LabelConfig, gpus: float) -> bool:
+    """Whether the actors decode too: as configured, else when they have no GPU (CPU-only clusters)."""
+    return (not gpus) if cfg.fused is None else cfg.fused
+
+
 def build_dataset(listing: list[dict], todo: list[int], cfg: LabelConfig, s3: store.S3Options,
-                  files: dict[str, bytes]):
-    """The lazy Ray Dataset: input rows -> features (tasks) -> per-file probabilities (actor pool)."""
+                  files: dict[str, bytes]) -> tuple:
+    """The lazy Ray Dataset: input rows -> features (tasks) -> per-file probabilities (actor pool), or, fused,
+    input rows -> per-file probabilities in one pool of actors that decode and score; and that layout."""
     import ray
 
-    gpus = inference_gpus(cfg.inference, ray.cluster_resources().get("GPU", 0.0))
+    resources = ray.cluster_resources()
+    gpus = inference_gpus(cfg.inference, resources.get("GPU", 0.0))
+    fused = fuses(cfg, gpus)
     items = [{"row": i, "path": listing[i]["path"]} for i in todo]
     blocks = min(MAX_INPUT_BLOCKS, max(1, math.ceil(len(items) / cfg.decode.batch_size)))
-    return ray.data.from_items(items, override_num_blocks=blocks).map_batches(
-        featurize,
-        batch_size=cfg.decode.batch_size,
-        fn_kwargs={"s3": s3},
-        num_cpus=cfg.decode.num_cpus,
-        concurrency=cfg.decode.concurrency,
-        runtime_env={"env_vars": DECODE_ENV},
-        batch_format="numpy",
-    ).map_batches(
-        PredictorActor,
-        batch_size=cfg.inference.gpu_batch_size if gpus else cfg.inference.batch_size,
-        compute=ray.data.ActorPoolStrategy(min_size=cfg.inference.min_actors, max_size=cfg.inference.max_actors),
-        fn_constructor_kwargs={
-            "files": files,
-            "window_batch_size": cfg.inference.gpu_window_batch_size if gpus else cfg.inference.window_batch_size,
-            "threads": max(1, int(cfg.inference.num_cpus)),
-        },
+    lowest, highest = pool_size(cfg.inference, fused, gpus, resources.get("CPU", 1.0), blocks)
+    dataset = ray.data.from_items(items, override_num_blocks=blocks)
+    actor_kwargs = {
+        "files": files,
+        "window_batch_size": cfg.inference.gpu_window_batch_size if gpus else cfg.inference.window_batch_size,
+        "threads": max(1, int(cfg.inference.num_cpus)),
+        "segments": cfg.segments,
+    }
+    if fused:
+        actor, batch_size = FusedActor, cfg.decode.batch_size
+        actor_kwargs["s3"] = s3
+    else:
+        actor = PredictorActor
+        batch_size = cfg.inference.gpu_batch_size if gpus else cfg.inference.batch_size
+        dataset = dataset.map_batches(
+            featurize,
+            batch_size=cfg.decode.batch_size,
+            fn_kwargs={"s3": s3},
+            num_cpus=cfg.decode.num_cpus,
+            concurrency=cfg.decode.concurrency,
+            runtime_env={"env_vars": DECODE_ENV},
+            batch_format="numpy",
+        )
+    layout = {"fused": fused, "min_actors": lowest, "max_actors": highest, "gpus_per_actor": gpus}
+    return dataset.map_batches(
+        actor,
+        batch_size=batch_size,
+        compute=ray.data.ActorPoolStrategy(min_size=lowest, max_size=highest),
+        fn_constructor_kwargs=actor_kwargs,
         num_cpus=cfg.inference.num_cpus,
         num_gpus=gpus,
-        runtime_env={"env_vars": INFERENCE_ENV},
         batch_format="numpy",
-    )
+    ), layout
 
 
 class Committer:
@@ -494,7 +545,8 @@ class Committer:
 
     def add(self, batch: dict[str, np.ndarray], listing: list[dict]) -> int:
         table = store.file_table(listing, batch, {**self.run, "processed_at": store.now()})
-        self.pending.append((table, list(batch["starts"]), list(batch["window_probs"])))
+        windows = (list(batch["starts"]), list(batch["window_probs"])) if self.cfg.segments else ([], [])
+        self.pending.append((table, *windows))
         self.nodes["decode"].update(batch["decode_node"].tolist())
         self.nodes["inference"].update(batch["inference_node"].tolist())
         self.rows += len(table)
@@ -639,7 +691,7 @@ def run(cfg: LabelConfig, address: str | None = None) -> dict:
             import ray
 
             manifest["ray"] = {"resources": ray.cluster_resources(), "nodes": len(ray.nodes())}
-            dataset = build_dataset(listing, todo, cfg, s3, files)
+            dataset, manifest["ray"]["layout"] = build_dataset(listing, todo, cfg, s3, files)
             with tqdm(total=len(todo), unit="file", desc="labeling", disable=not cfg.progress, mininterval=1) as bar:
                 for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
                     bar.update(committer.add(batch, listing))

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import train_test_split
 
 EMOTIONS = ("neutral", "calm", "happy", "sad", "angry", "fearful", "disgust", "surprised")
 MODALITIES = {"01": "audio-video", "02": "video-only", "03": "audio-only"}
@@ -92,6 +91,8 @@ def split(table: pd.DataFrame, protocol: str) -> pd.Series:
 
 
 def _seed_split(table: pd.DataFrame) -> pd.Series:
+    from sklearn.model_selection import train_test_split  # here: scikit-learn costs every `ser` command 1 s
+
     # Split unique recordings (content hash), so byte-identical files always land on the same side.
     groups = table.drop_duplicates("sha256")
     train, test = train_test_split(groups, test_size=SEED_TEST_FRACTION, stratify=groups["emotion"], random_state=SEED)

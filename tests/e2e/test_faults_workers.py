@@ -1,7 +1,9 @@
-"""Ray workers dying mid-run: a decode task's worker and the inference actor are SIGKILLed while the job runs.
+"""Ray workers dying mid-run, in both layouts of the job.
 
-Ray Data runs the lost decode task again and restarts the actor, which runs its lost batches again; the job
-finishes and every input is in the output exactly once.
+Split (decode tasks feed a scoring actor, as on GPU clusters): a decode task's worker and the inference actor
+are SIGKILLed while the job runs. Fused (actors decode and score, the CPU default): an actor is SIGKILLed in
+the middle of a call, and another once a part is committed. Ray Data runs the lost work again and restarts
+the actors; the job finishes and every input is in the output exactly once.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import threading
 import time
 
 import numpy as np
+import pytest
 from conftest import write_audio
 
 from e2e.conftest import read_output
@@ -22,16 +25,19 @@ from ser import pipeline, store
 N_FILES = 24
 DECODE_TITLE = "ray::MapBatches(featurize)"  # a worker process while it runs a decode task
 ACTOR_TITLE = "ray::MapWorker(MapBatches(PredictorActor))"  # the inference actor's process
+FUSED_TITLE = "ray::MapWorker(MapBatches(FusedActor))"  # a fused actor's process ...
+FUSED_BUSY_TITLE = FUSED_TITLE + ".submit"  # ... while it runs a call
 POLL_S = 0.02
 WAIT_S = 300
 
 
 class Killer(threading.Thread):
-    """SIGKILLs a worker in the middle of a decode task, then the inference actor once a part is committed."""
+    """SIGKILLs a process busy with a call (a decode task, or a fused actor), then an actor once a part is
+    committed."""
 
-    def __init__(self, out):
+    def __init__(self, out, busy_title: str, actor_title: str):
         super().__init__(daemon=True)
-        self.out = out
+        self.out, self.busy_title, self.actor_title = out, busy_title, actor_title
         self.killed: dict[str, int] = {}
         self.committed_at_kill: dict[str, int] = {}
         self.actors_seen: set[int] = set()
@@ -45,7 +51,7 @@ class Killer(threading.Thread):
     def _kill_first(self, title: str, ready=lambda: True) -> None:
         deadline = time.monotonic() + WAIT_S
         while time.monotonic() < deadline and not self.finished.is_set():
-            self.actors_seen.update(p.pid for p in titled(ACTOR_TITLE))
+            self.actors_seen.update(p.pid for p in titled(self.actor_title))
             found = titled(title) if ready() else []
             if found:
                 self.committed_at_kill[title] = self._committed()
@@ -56,22 +62,26 @@ class Killer(threading.Thread):
 
     def run(self) -> None:
         try:
-            self._kill_first(DECODE_TITLE)
-            self._kill_first(ACTOR_TITLE, ready=lambda: self._committed() > 0)
+            self._kill_first(self.busy_title)
+            self._kill_first(self.actor_title, ready=lambda: self._committed() > 0)
             while not self.finished.wait(POLL_S * 10):  # note the actor that replaces the killed one
-                self.actors_seen.update(p.pid for p in titled(ACTOR_TITLE))
+                self.actors_seen.update(p.pid for p in titled(self.actor_title))
         except BaseException as exc:  # reported by the test
             self.error = exc
 
 
-def test_killed_decode_worker_and_inference_actor_lose_nothing(tmp_path, tiny_bundle, local_ray):
+@pytest.mark.parametrize(("fused", "busy_title", "actor_title"), [
+    (False, DECODE_TITLE, ACTOR_TITLE),
+    (True, FUSED_BUSY_TITLE, FUSED_TITLE),
+], ids=["split", "fused"])
+def test_killed_workers_and_actors_lose_nothing(tmp_path, tiny_bundle, local_ray, fused, busy_title, actor_title):
     folder, out = tmp_path / "in", tmp_path / "out"
     for i in range(N_FILES):
         write_audio(folder / f"clip{i:02d}.wav", 6.0, seed=i)
     cfg = pipeline.LabelConfig(input=str(folder), output=str(out), model=str(tiny_bundle), progress=False,
-                               commit_every=2, decode=pipeline.DecodeConfig(batch_size=2),
-                               inference=pipeline.InferenceConfig(batch_size=2))
-    killer = Killer(out)
+                               commit_every=2, fused=fused, decode=pipeline.DecodeConfig(batch_size=2),
+                               inference=pipeline.InferenceConfig(batch_size=2, min_actors=1, max_actors=1))
+    killer = Killer(out, busy_title, actor_title)
     killer.start()
     try:
         manifest = pipeline.run(cfg)
@@ -79,12 +89,12 @@ def test_killed_decode_worker_and_inference_actor_lose_nothing(tmp_path, tiny_bu
         killer.finished.set()
         killer.join()
     assert killer.error is None, killer.error
-    assert set(killer.killed) == {DECODE_TITLE, ACTOR_TITLE}, f"not killed mid-run: {killer.killed}"
-    assert killer.committed_at_kill[ACTOR_TITLE] < N_FILES  # the actor died with work left
+    assert set(killer.killed) == {busy_title, actor_title}, f"not killed mid-run: {killer.killed}"
+    assert killer.committed_at_kill[actor_title] < N_FILES  # the actor died with work left
 
     frame = read_output(out)  # no path twice
     assert sorted(frame["path"]) == sorted(str(p) for p in folder.iterdir())
     assert (frame["status"] == "ok").all(), frame["error"].dropna().tolist()
     np.testing.assert_allclose(frame[list(store.PROB_COLUMNS)].sum(axis=1), 1.0, atol=1e-9)
     assert manifest["status"] == "completed" and manifest["counts"]["ok"] == N_FILES
-    assert killer.actors_seen - {killer.killed[ACTOR_TITLE]}, "no inference actor replaced the killed one"
+    assert killer.actors_seen - set(killer.killed.values()), "no actor replaced the killed one"

@@ -64,6 +64,29 @@ def test_probabilities_are_valid_and_match_ser_predict(labeled, tiny_bundle):
         assert (row["sample_rate"], row["channels"]) == (single.info.sample_rate, single.info.channels)
 
 
+def test_split_layout_writes_the_same_rows_as_the_fused_default(labeled, tiny_bundle, tmp_path):
+    """Decode tasks feeding a scoring actor (the GPU layout) and fused decode+score actors (the CPU default)
+    label every file and window alike."""
+    cfg = pipeline.LabelConfig(input=str(labeled.folder), output=str(tmp_path / "split"), model=str(tiny_bundle),
+                               segments=True, progress=False, fused=False)
+    split = pipeline.run(cfg)
+    assert labeled.manifest["ray"]["layout"] == {"fused": True, "min_actors": 1, "max_actors": 1,
+                                                 "gpus_per_actor": 0.0}  # 1 input block: one actor
+    assert split["ray"]["layout"]["fused"] is False and split["counts"] == labeled.manifest["counts"]
+    columns = ["status", "error", "label", "n_windows", "duration_s", "sample_rate", "channels"]
+    fused_rows, split_rows = read_output(labeled.out).sort_index(), read_output(tmp_path / "split").sort_index()
+    pd.testing.assert_frame_equal(fused_rows[columns], split_rows[columns])
+    np.testing.assert_allclose(fused_rows[list(store.PROB_COLUMNS)].to_numpy(dtype=float),
+                               split_rows[list(store.PROB_COLUMNS)].to_numpy(dtype=float), atol=1e-6)
+    fused_segments, split_segments = (
+        pd.read_parquet(out / "_segments").sort_values(["path", "window"]).reset_index(drop=True)
+        for out in (labeled.out, tmp_path / "split")
+    )
+    assert len(fused_segments) == fused_rows["n_windows"].sum() > 0
+    pd.testing.assert_frame_equal(fused_segments.drop(columns=["run_id", "run_date"]),
+                                  split_segments.drop(columns=["run_id", "run_date"]), atol=1e-6)
+
+
 def test_file_facts_and_provenance(labeled, tiny_bundle):
     frame = read_output(labeled.out)
     long = frame.loc[str(labeled.folder / "long.wav")]
