@@ -90,7 +90,9 @@ def ideal(paths: list[Path], model: str | Path, batch_sizes: tuple[int, ...], co
     from ser import features
     from ser.predict import Predictor
 
+    started = time.perf_counter()
     loaded = _load_bundle(model, threads=1)
+    model_load = time.perf_counter() - started  # TensorFlow's import and the bundle: every actor's start-up
     for path in paths:
         path.read_bytes()  # the page cache holds every file, as it does for the job's runs
     for path in paths[:WARMUP_FILES]:
@@ -116,4 +118,5 @@ def ideal(paths: list[Path], model: str | Path, batch_sizes: tuple[int, ...], co
         "best_batch_size": best,
         "t_infer_window_s_by_batch": {str(k): v for k, v in per_window.items()},
         "files_per_s": cores / (t_feat + t_infer),
+        "model_load_s": model_load,
     }

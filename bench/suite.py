@@ -61,6 +61,8 @@ def labeling_runs(sources: list[Path], plan: Plan, work: Path, model: str) -> di
     full = label(collection, work / f"out-{n}", model, plan.overrides)
     log(f"  {full['steady']['files_per_s']:.2f} files/s steady; re-run of the unchanged collection")
     rerun = label(collection, work / f"out-{n}", model, plan.overrides)
+    log("ser label, split layout (decode tasks feeding one scoring actor, as on GPU clusters)")
+    split = label(collection, work / f"out-{n}-split", model, (*plan.overrides, "fused=false"))
     memory = {}
     for size in plan.memory_files:
         if size == n:
@@ -69,7 +71,7 @@ def labeling_runs(sources: list[Path], plan: Plan, work: Path, model: str) -> di
         log(f"ser label on {size} files (memory)")
         folder = make_collection(sources, size, work / f"collection-{size}")
         memory[str(size)] = label(folder, work / f"out-{size}", model, plan.overrides)
-    return {"collection": str(collection), "label": full, "rerun": rerun, "memory": memory}
+    return {"collection": str(collection), "label": full, "rerun": rerun, "label_split": split, "memory": memory}
 
 
 def run_all(data: str, model: str, plan: Plan, work: Path, cache_dir: str, quick: bool) -> dict:

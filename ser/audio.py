@@ -202,6 +202,14 @@ def _frame_rms(audio: np.ndarray) -> np.ndarray:
     return rms
 
 
+def change_speed(audio: np.ndarray, factor: float) -> np.ndarray:
+    """Speed perturbation (Ko et al., 2015): the audio played `factor` times as fast, tempo and pitch together,
+    by resampling it as if it had been recorded at SAMPLE_RATE * factor. Factor 1 returns it unchanged."""
+    if factor == 1.0:
+        return audio
+    return soxr.resample(audio, SAMPLE_RATE * factor, SAMPLE_RATE, quality=RESAMPLE_TYPE).astype(np.float32)
+
+
 def pad_or_trim(audio: np.ndarray, length: int = N_SAMPLES) -> np.ndarray:
     """Zero-pad at the end or cut to exactly `length` samples."""
     if audio.shape[-1] >= length:

@@ -61,7 +61,7 @@ class RunFailed(RuntimeError):
 class DecodeConfig:
     """Read + decode + resample + log-mel tasks (one CPU each, single-threaded math)."""
 
-    batch_size: int = 16
+    batch_size: int = 32
     num_cpus: float = 1.0
     concurrency: int | None = None
 
@@ -688,6 +688,7 @@ def run(cfg: LabelConfig, address: str | None = None) -> dict:
     try:
         if todo:
             connect(address)
+            manifest["timings"]["ray_start_seconds"] = round(time.perf_counter() - labelling, 3)
             import ray
 
             manifest["ray"] = {"resources": ray.cluster_resources(), "nodes": len(ray.nodes())}

@@ -43,6 +43,7 @@ class AugmentConfig:
     time_masks: int = 0  # SpecAugment: this many extra zeroed time stripes per sample ...
     time_mask_max: int = 16  # ... each up to this many frames wide
     mixup_alpha: float = 0.0  # mixup: Beta(alpha, alpha) blend of pairs of samples and targets; 0 = off
+    speeds: tuple[float, ...] = ()  # speed perturbation: extra copies of every file at these speeds (e.g. 0.9, 1.1)
 
 
 @dataclass
@@ -73,6 +74,8 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
 
     def __post_init__(self) -> None:
+        if any(not 0.5 <= speed <= 2.0 or speed == 1.0 for speed in self.augment.speeds):
+            raise ValueError(f"augment.speeds: expected factors in [0.5, 2] other than 1, got {self.augment.speeds}")
         if self.protocol not in ravdess.PROTOCOLS:
             raise ValueError(f"protocol: unknown {self.protocol!r}; choose one of {', '.join(ravdess.PROTOCOLS)}")
         if self.normalization not in ("global", "per_band"):
@@ -94,6 +97,12 @@ class FeatureSet:
 
     features: np.ndarray
     file_index: np.ndarray
+    n_original: int | None = None  # windows before the speed-perturbed copies (None: all are original)
+
+    def original(self) -> np.ndarray:
+        """Whether each window comes from the unperturbed audio."""
+        n = len(self.features) if self.n_original is None else self.n_original
+        return np.arange(len(self.features)) < n
 
 
 def data_fingerprint(table: pd.DataFrame) -> str:
@@ -103,27 +112,28 @@ def data_fingerprint(table: pd.DataFrame) -> str:
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
-def _featurize(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def _featurize(batch: dict[str, np.ndarray], speed: float = 1.0) -> dict[str, np.ndarray]:
     """Ray Data stage: paths -> one row per window (the shared feature stage, nothing else)."""
     rows, feats = [], []
     for row, path in zip(batch["row"], batch["path"], strict=True):
-        window_feats, _, _ = features.file_features(str(path))
+        window_feats, _, _ = features.file_features(str(path), speed)
         rows.extend([row] * len(window_feats))
         feats.append(window_feats)
     return {"row": np.asarray(rows, dtype=np.int64), "features": np.concatenate(feats)}
 
 
-def extract_features(table: pd.DataFrame, cache_dir: str | Path) -> FeatureSet:
-    """Features for every row of `table`, computed once with Ray Data and cached on disk."""
+def extract_features(table: pd.DataFrame, cache_dir: str | Path, speed: float = 1.0) -> FeatureSet:
+    """Features for every row of `table` (speed-perturbed by `speed`), computed once with Ray Data and cached."""
     import ray
 
     key = f"{data_fingerprint(table)[:16]}-{features.feature_config_hash()}"
+    key += f"-speed{speed:g}" if speed != 1 else ""
     cache = Path(cache_dir).expanduser() / key
     if (cache / "features.npy").is_file():
         return FeatureSet(np.load(cache / "features.npy"), np.load(cache / "file_index.npy"))
     items = [{"row": i, "path": p} for i, p in enumerate(table["path"])]
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items) // FEATURE_BATCH)).map_batches(
-        _featurize, batch_size=FEATURE_BATCH, batch_format="numpy"
+        _featurize, batch_size=FEATURE_BATCH, batch_format="numpy", fn_kwargs={"speed": speed}
     )
     rows, feats = [], []
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
@@ -234,10 +244,10 @@ def _file_scores(window_logits: np.ndarray, owner: np.ndarray, labels: np.ndarra
 
 
 def validation_view(data: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Validation windows, the validation file (0..n-1) owning each, and the validation files' labels."""
+    """Validation windows (unperturbed), the validation file (0..n-1) owning each, and the validation files' labels."""
     sides, owner = data["sides"], data["file_index"]
     val_files = np.flatnonzero(sides == "validation")
-    val_windows = np.flatnonzero(sides[owner] == "validation")
+    val_windows = np.flatnonzero((sides[owner] == "validation") & data["original"])
     return val_windows, np.searchsorted(val_files, owner[val_windows]), data["labels"][val_files]
 
 
@@ -256,7 +266,8 @@ def calibrate(model, data: dict) -> dict:
 
 
 def training_windows(data: dict) -> np.ndarray:
-    """Indices of the windows of the training files in `data` (see `training_data`)."""
+    """Indices of the windows of the training files in `data`, speed-perturbed copies included (see
+    `training_data`): an epoch's one window per file is drawn from all of them."""
     return np.flatnonzero(data["sides"][data["file_index"]] == "train")
 
 
@@ -384,25 +395,32 @@ def train_loop_per_worker(cfg: dict) -> None:
 
 
 def prepare(config: TrainConfig) -> tuple[pd.DataFrame, FeatureSet]:
-    """Index the data, split it under the protocol, and extract (or load cached) features."""
+    """Index the data, split it under the protocol, and extract (or load cached) features, the
+    speed-perturbed copies of `augment.speeds` appended after the original windows."""
     table = ravdess.index(config.data_dir)
     table["split"] = ravdess.split(table, config.protocol)
     if config.max_files:  # a small, deterministic subset for smoke tests
         per_side = max(1, config.max_files // 3)
         parts = [part.sample(min(len(part), per_side), random_state=config.seed) for _, part in table.groupby("split")]
         table = pd.concat(parts).sort_values("path").reset_index(drop=True)
-    return table, extract_features(table, config.cache_dir)
+    sets = [extract_features(table, config.cache_dir, speed) for speed in (1.0, *config.augment.speeds)]
+    if len(sets) == 1:
+        return table, sets[0]
+    stacked = [np.concatenate([getattr(s, name) for s in sets]) for name in ("features", "file_index")]
+    return table, FeatureSet(*stacked, n_original=len(sets[0].features))
 
 
 def training_data(config: TrainConfig, table: pd.DataFrame, feature_set: FeatureSet) -> dict:
     """What every worker trains on: windows and their files, labels, sides, train-only statistics, class weights."""
     labels = table["emotion"].map(ravdess.EMOTIONS.index).to_numpy()
     sides = table["split"].to_numpy()
-    train_mask = sides[feature_set.file_index] == "train"
+    original = feature_set.original()
+    train_mask = (sides[feature_set.file_index] == "train") & original  # statistics of the unperturbed audio
     mean, std = normalization_stats(feature_set.features[train_mask], config.normalization)
     return {
         "features": feature_set.features,
         "file_index": feature_set.file_index,
+        "original": original,
         "labels": labels,
         "sides": sides,
         "mean": mean,
@@ -461,7 +479,7 @@ def train(config: TrainConfig, address: str | None = None) -> tuple[Path, dict]:
         "test_actors": sorted(ravdess.ACTORS_TEST) if config.protocol == "actors" else None,
         "data_fingerprint": data_fingerprint(table),
         "n_files": len(table),
-        "n_windows": len(feature_set.features),
+        "n_windows": int(feature_set.original().sum()),
         "num_workers": config.num_workers,
     }
     if config.ensemble == 1:
