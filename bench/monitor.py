@@ -3,8 +3,8 @@
 A background thread samples the tree with psutil: resident memory summed over the live processes (RSS, and
 PSS, which counts shared pages once), and CPU time per process, kept after a process exits and split by role
 (the process title: `ray::MapBatches(featurize)`, `ray::MapWorker(...)`, `raylet`, the driver `ser`, ...).
-CPU time the rest of the machine used meanwhile (less this monitor's own) is reported too, so figures taken
-on a busy machine are flagged.
+CPU time the rest of the machine used meanwhile (less this monitor's own and the kernel's threads') is reported
+too, so figures taken on a busy machine are flagged.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ class Usage:
     cpu_s: float
     cpu_utilisation: float  # tree CPU seconds / (wall seconds * cores)
     other_cpu_utilisation: float  # the same for every process outside the tree
+    kernel_cpu_utilisation: float  # the same for the kernel's own threads (not counted as other)
     peak_rss_bytes: int
     peak_pss_bytes: int
     peak_processes: int
@@ -49,6 +50,17 @@ def machine_busy_seconds() -> float:
     """CPU seconds the whole machine has spent not idle since boot."""
     times = psutil.cpu_times()
     return sum(times) - times.idle - getattr(times, "iowait", 0.0)
+
+
+def kernel_thread_seconds() -> float:
+    """CPU seconds used so far by the kernel's own threads (kthreadd and its children: page reclaim, memory
+    monitoring such as kdamond, workqueues). They work for every process, the measured tree first of all,
+    so they are not another workload competing with it."""
+    total = 0.0
+    for proc in psutil.process_iter(["pid", "ppid", "cpu_times"]):
+        if proc.info["cpu_times"] and (proc.info["pid"] == 2 or proc.info["ppid"] == 2):
+            total += proc.info["cpu_times"].user + proc.info["cpu_times"].system
+    return total
 
 
 def role(command: list[str]) -> str:
@@ -86,6 +98,7 @@ class TreeMonitor:
     def __enter__(self) -> TreeMonitor:
         self._started = time.perf_counter()
         self._busy, self._own = machine_busy_seconds(), sum(self._me.cpu_times()[:2])
+        self._kernel = kernel_thread_seconds()
         self._thread.start()
         return self
 
@@ -96,12 +109,14 @@ class TreeMonitor:
         capacity = wall * (psutil.cpu_count() or 1)
         tree_cpu = sum(self.cpu.values())
         own = sum(self._me.cpu_times()[:2]) - self._own
-        other = max(0.0, machine_busy_seconds() - self._busy - tree_cpu - own)
+        kernel = kernel_thread_seconds() - self._kernel
+        other = max(0.0, machine_busy_seconds() - self._busy - tree_cpu - own - kernel)
         self.usage = Usage(
             wall_s=wall,
             cpu_s=tree_cpu,
             cpu_utilisation=tree_cpu / capacity,
             other_cpu_utilisation=other / capacity,
+            kernel_cpu_utilisation=kernel / capacity,
             peak_rss_bytes=self.peak_rss,
             peak_pss_bytes=self.peak_pss,
             peak_processes=self.peak_processes,

@@ -99,3 +99,20 @@ def test_ensemble_averages_member_logits_and_loads_safely(tmp_path):
     loaded = bundle.load(tmp_path)  # safe_mode=True: nested members and Average are plain serializable layers
     np.testing.assert_allclose(loaded.model(x, training=False), expected, rtol=1e-5, atol=1e-6)
     assert [layer.name for layer in loaded.model.layers[1:4]] == ["member_0", "member_1", "member_2"]
+
+
+def test_instance_norm_removes_what_is_constant_within_a_recording_and_loads_safely(tmp_path):
+    """model.instance_norm: a per-band offset and scale over the whole clip (a speaker's or a channel's
+    spectral envelope) does not change the logits; the layer round-trips through a safe load."""
+    model = build_model(ModelConfig(conv_filters=(4, 8, 8), lstm_units=8, instance_norm=True))
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, *features.FEATURE_SHAPE, 1)).astype(np.float32)
+    offset = rng.normal(scale=10.0, size=(1, features.N_MELS, 1, 1)).astype(np.float32)
+    scale = rng.uniform(0.5, 2.0, size=(1, features.N_MELS, 1, 1)).astype(np.float32)
+    logits = model(x, training=False).numpy()
+    np.testing.assert_allclose(model(x * scale + offset, training=False).numpy(), logits, atol=1e-3)  # epsilon
+    model.save(tmp_path / "model.keras")
+    loaded = keras.models.load_model(tmp_path / "model.keras", safe_mode=True)
+    np.testing.assert_array_equal(loaded(x, training=False).numpy(), logits)
+    plain = build_model(ModelConfig(conv_filters=(4, 8, 8), lstm_units=8))
+    assert "instance_norm" not in [layer.name for layer in plain.layers]

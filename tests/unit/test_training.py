@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from conftest import write_ravdess_like
 from sklearn.utils.class_weight import compute_class_weight
 
-from ser import bundle, calibration, features, ravdess, training
+from ser import audio, bundle, calibration, features, ravdess, training
 from ser.model import ModelConfig
 
 
@@ -139,3 +141,37 @@ def test_ensemble_training_and_ser_ensemble_agree(tmp_path, feature_cache, gener
     assert again_card["calibration"] == card["calibration"]
     x = np.random.default_rng(0).standard_normal((2, *features.FEATURE_SHAPE, 1)).astype(np.float32)
     np.testing.assert_array_equal(bundle.load(out).model(x), bundle.load(again).model(x))
+
+
+def test_speed_perturbed_copies_train_but_never_validate_or_normalize(tmp_path, feature_cache, generated_corpus,
+                                                                       local_ray):
+    """augment.speeds appends perturbed copies of every file: training epochs draw from them, while the
+    normalization statistics and validation (early stopping, calibration) see the original audio only."""
+    plain = training.TrainConfig(data_dir=str(generated_corpus), protocol="actors", cache_dir=str(feature_cache),
+                                 normalization="per_band")
+    perturbed = dataclasses.replace(plain, augment=training.AugmentConfig(speeds=(0.9, 1.1)))
+    table, original = training.prepare(plain)
+    _, stacked = training.prepare(perturbed)
+    assert stacked.n_original == len(original.features) and len(stacked.features) > 2 * len(original.features)
+    np.testing.assert_array_equal(stacked.features[: stacked.n_original], original.features)
+    assert set(stacked.file_index[stacked.n_original :]) == set(original.file_index)  # every file, every speed
+    data, reference = training.training_data(perturbed, table, stacked), training.training_data(plain, table, original)
+    np.testing.assert_array_equal(data["mean"], reference["mean"])
+    np.testing.assert_array_equal(data["std"], reference["std"])
+    for got, want in zip(training.validation_view(data), training.validation_view(reference), strict=True):
+        np.testing.assert_array_equal(got, want)
+    train = training.training_windows(data)
+    assert (~data["original"][train]).sum() > 0 and set(data["file_index"][train]) == set(
+        reference["file_index"][training.training_windows(reference)])
+    with pytest.raises(ValueError, match=r"augment\.speeds"):
+        training.TrainConfig(augment=training.AugmentConfig(speeds=(1.0,)))
+
+
+def test_speed_perturbation_changes_tempo_and_pitch_together():
+    rate, seconds, tone = audio.SAMPLE_RATE, 2.0, 440.0
+    clip = np.sin(2 * np.pi * tone * np.arange(int(rate * seconds)) / rate).astype(np.float32)
+    assert audio.change_speed(clip, 1.0) is clip
+    faster = audio.change_speed(clip, 1.1)
+    assert faster.dtype == np.float32 and len(faster) == pytest.approx(len(clip) / 1.1, abs=2)
+    peak = np.fft.rfftfreq(len(faster), 1 / rate)[np.abs(np.fft.rfft(faster)).argmax()]
+    assert peak == pytest.approx(tone * 1.1, abs=1.0)
