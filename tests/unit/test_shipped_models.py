@@ -8,7 +8,7 @@ from ser import bundle
 from ser.evaluate import evaluate
 from ser.predict import Predictor
 
-SHIPPED = [("ravdess-actors", "actors"), ("ravdess-seed", "seed")]
+SHIPPED = [("ravdess-actors", "actors"), ("ravdess-actors-fast", "actors"), ("ravdess-seed", "seed")]
 
 
 @pytest.mark.parametrize(("name", "protocol"), SHIPPED)
