@@ -380,6 +380,7 @@ class PredictorActor:
     """Ray Data actor: loads the model once, then labels batches of files, all their windows in one call."""
 
     def __init__(self, files: dict[str, bytes], window_batch_size: int, threads: int, segments: bool = False):
+        """`files`: the bundle's files, or an ObjectRef to them (how the job passes them)."""
         import ray
 
         from ser.cli import import_tensorflow_quietly
@@ -393,6 +394,8 @@ class PredictorActor:
             tf.config.experimental.set_memory_growth(gpu, True)
         tf.config.threading.set_intra_op_parallelism_threads(threads)
         tf.config.threading.set_inter_op_parallelism_threads(threads)
+        if isinstance(files, ray.ObjectRef):
+            files = ray.get(files)
         with tempfile.TemporaryDirectory(prefix="ser-model-") as folder:
             for name, data in files.items():
                 (Path(folder) / name).write_bytes(data)
@@ -494,7 +497,7 @@ def build_dataset(listing: list[dict], todo: list[int], cfg: LabelConfig, s3: st
     lowest, highest = pool_size(cfg.inference, fused, gpus, resources.get("CPU", 1.0), blocks)
     dataset = ray.data.from_items(items, override_num_blocks=blocks)
     actor_kwargs = {
-        "files": files,
+        "files": ray.put(files),  # by reference: the bundle (up to ~30 MB) is stored once, not in every task spec
         "window_batch_size": cfg.inference.gpu_window_batch_size if gpus else cfg.inference.window_batch_size,
         "threads": max(1, int(cfg.inference.num_cpus)),
         "segments": cfg.segments,
