@@ -40,6 +40,13 @@ def import_tensorflow_quietly() -> None:
             os.close(saved)
 
 
+def _leave_ray() -> None:
+    """Disconnect from Ray (stopping an embedded one) so no worker log line lands after the job's last words."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+
+
 def _fail(message: str, code: int = 2) -> None:
     click.echo(f"error: {message}", err=True)
     sys.exit(code)
@@ -416,9 +423,12 @@ def label(input_spec, output, config_path, root, model, force, segments, overrid
     try:
         manifest = run(cfg, address=address)
     except (InputError, bundle.BundleError, OSError) as exc:
+        _leave_ray()
         _fail(str(exc))
     except RunFailed as exc:
+        _leave_ray()
         _fail(str(exc), code=RUN_FAILED)
+    _leave_ray()
     click.echo(summary(manifest, cfg.output))
     for item in manifest["errors"][:10]:
         click.echo(f"error: {item['path']}: {item['error']}", err=True)
