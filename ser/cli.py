@@ -338,7 +338,9 @@ def train(config_path, protocol, data_dir, output, num_workers, epochs, seed, ov
     try:
         out, card = run_training(cfg, address=address)
     except FileNotFoundError as exc:
+        _leave_ray()
         _fail(str(exc))
+    _leave_ray()
     _echo_trained(out, card, f"{card['train_seconds']:.0f} s")
 
 
