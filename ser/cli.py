@@ -361,10 +361,12 @@ def _echo_trained(out: Path, card: dict, extra: str) -> None:
 @click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="Bundle folder to write.")
 @click.option("--cache-dir", default=None, help="Feature cache [default: the members' training cache_dir].")
 def ensemble(members: tuple[Path, ...], output: Path, cache_dir: str | None) -> None:
-    """Combine bundles trained separately (same protocol and recipe, other seeds) into one bundle.
+    """Combine bundles trained separately (same protocol, split and statistics; other seeds) into one bundle.
 
     The bundle's model averages the members' logits; its temperature is fitted again on the validation
-    split. `ser train --set ensemble=N` trains N members and combines them in one go.
+    split. A member that is itself an ensemble adds each of its models, so every base model weighs the
+    same; training options in which a member differs are recorded in its entry of model.json.
+    `ser train --set ensemble=N` trains N members and combines them in one go.
     """
     import_tensorflow_quietly()
     from ser.training import ensemble_bundles
@@ -373,7 +375,7 @@ def ensemble(members: tuple[Path, ...], output: Path, cache_dir: str | None) -> 
         out, card = ensemble_bundles(list(members), output, cache_dir)
     except (bundle.BundleError, FileNotFoundError) as exc:
         _fail(str(exc))
-    _echo_trained(out, card, f"{len(members)} members")
+    _echo_trained(out, card, f"{len(card['ensemble']['members'])} members")
 
 
 @main.command()

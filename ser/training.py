@@ -499,36 +499,67 @@ def train(config: TrainConfig, address: str | None = None) -> tuple[Path, dict]:
     return output, final
 
 
+# Statistics recomputed from the same files agree to ~1e-7 relative across machines (their FFT and BLAS
+# round differently), so members trained elsewhere on the same split still combine.
+STATS_RTOL = 1e-5
+
+
+def _base_members(loaded: bundle.Bundle) -> list[tuple[object, dict]]:
+    """A bundle's base models with their summaries; an ensemble bundle contributes each of its members, so an
+    ensemble grown from another weighs every base model alike."""
+    nested = loaded.card.get("ensemble", {}).get("members")
+    if nested:
+        import keras
+
+        models = [layer for layer in loaded.model.layers if isinstance(layer, keras.Model)]
+        return list(zip(models, nested, strict=True))
+    card = loaded.card
+    summary = {
+        "run_id": card["run_id"],
+        "seed": card["train_config"]["seed"],
+        "best_epoch": card["best_epoch"],
+        "validation_accuracy": card["validation"]["after_calibration"]["accuracy"],
+        "model_sha256": loaded.sha256,
+        "train_seconds": card.get("train_seconds"),
+    }
+    return [(loaded.model, summary)]
+
+
+def _recipe_changes(member: dict, recorded: dict) -> dict:
+    """The training options in which a member (its train_config with today's defaults filled in) differs
+    from the ensemble's recorded train_config."""
+    own = {"seed", "output", "ensemble", "storage_path", "cache_dir"}
+    return {key: value for key, value in member.items() if key not in own and recorded.get(key) != value}
+
+
 def combine(members: list[Path], output: Path, data: dict, card: dict) -> Path:
     """One bundle averaging the logits of member bundles trained on the same split and statistics;
-    its temperature is fitted again on validation."""
+    its temperature is fitted again on validation. Members that are ensembles are flattened."""
     from ser.model import average_logits
 
-    loaded = [bundle.load(path) for path in members]
-    for member in loaded:
-        same_stats = np.array_equal(member.mean, data["mean"]) and np.array_equal(member.std, data["std"])
+    models, summary = [], []
+    for path in members:
+        member = bundle.load(path)
+        same_stats = all(np.allclose(ours, theirs, rtol=STATS_RTOL, atol=0.0)
+                         for ours, theirs in ((member.mean, data["mean"]), (member.std, data["std"])))
         if member.card["data_fingerprint"] != card["data_fingerprint"] or not same_stats:
             raise bundle.BundleError(f"{member.path}: trained on other data or statistics than the ensemble")
-    model = average_logits([member.model for member in loaded])
-    summary = [
-        {
-            "run_id": member.card["run_id"],
-            "seed": member.card["train_config"]["seed"],
-            "best_epoch": member.card["best_epoch"],
-            "validation_accuracy": member.card["validation"]["after_calibration"]["accuracy"],
-            "model_sha256": member.sha256,
-            "train_seconds": member.card.get("train_seconds"),
-        }
-        for member in loaded
-    ]
+        changes = _recipe_changes(config_io.to_dict(config_io.build(TrainConfig, member.card["train_config"])),
+                                  card["train_config"])
+        for model, entry in _base_members(member):
+            models.append(model)
+            summary.append(entry | ({"train_config_changes": changes} if changes else {}))
+    model = average_logits(models)
     entries = {**card, "ensemble": {"combine": "mean of logits", "members": summary}, **calibrate(model, data)}
     return bundle.save(output, model, data["mean"], data["std"], entries)
 
 
 def ensemble_bundles(members: list[Path], output: Path, cache_dir: str | None = None) -> tuple[Path, dict]:
     """`ser ensemble`: combine bundles trained separately (same protocol and recipe, different seeds)."""
-    first = bundle.read_card(members[0])
-    values = dict(first["train_config"], ensemble=len(members))
+    cards = [bundle.read_card(path) for path in members]
+    first = cards[0]
+    base_models = sum(len(member.get("ensemble", {}).get("members") or [member]) for member in cards)
+    values = dict(first["train_config"], ensemble=base_models)
     if cache_dir:
         values["cache_dir"] = cache_dir
     config = config_io.build(TrainConfig, values)
@@ -539,7 +570,7 @@ def ensemble_bundles(members: list[Path], output: Path, cache_dir: str | None = 
         for key in ("name", "classes", "model_config", "protocol", "split", "test_actors", "data_fingerprint",
                     "n_files", "n_windows", "num_workers")
     }
-    card["run_id"] = "ensemble-" + "+".join(bundle.read_card(path)["run_id"] for path in members)
+    card["run_id"] = "ensemble-" + "+".join(member["run_id"] for member in cards)
     card["train_config"] = config_io.to_dict(config)
     out = combine(members, output, data, card)
     return out, bundle.read_card(out)

@@ -142,6 +142,29 @@ def test_ensemble_training_and_ser_ensemble_agree(tmp_path, feature_cache, gener
     x = np.random.default_rng(0).standard_normal((2, *features.FEATURE_SHAPE, 1)).astype(np.float32)
     np.testing.assert_array_equal(bundle.load(out).model(x), bundle.load(again).model(x))
 
+    # growing an ensemble: an ensemble member is flattened, so each base model weighs the same
+    longer = bundle.read_card(member_dirs[1])
+    longer["train_config"] = longer["train_config"] | {"epochs": 2}
+    bundle.write_card(member_dirs[1], longer)
+    grown, grown_card = training.ensemble_bundles([out, member_dirs[1]], tmp_path / "grown")
+    assert [member["seed"] for member in grown_card["ensemble"]["members"]] == [42, 43, 43]
+    assert grown_card["train_config"]["ensemble"] == 3
+    assert [member.get("train_config_changes") for member in grown_card["ensemble"]["members"]] == [
+        None, None, {"epochs": 2}]
+    base = [bundle.load(path).model(x, training=False) for path in member_dirs]
+    np.testing.assert_allclose(bundle.load(grown).model(x, training=False), (base[0] + 2 * base[1]) / 3,
+                               rtol=1e-5, atol=1e-6)
+
+    # statistics recomputed on another machine differ in their last bits: they still combine, others do not
+    data = training.training_data(config, *training.prepare(config))
+    for factor, combines in ((1 + 1e-7, True), (1 + 1e-3, False)):
+        shifted = data | {"mean": data["mean"] * np.float32(factor)}
+        if combines:
+            training.combine(member_dirs, tmp_path / "shifted", shifted, grown_card)
+        else:
+            with pytest.raises(bundle.BundleError, match="other data or statistics"):
+                training.combine(member_dirs, tmp_path / "shifted", shifted, grown_card)
+
 
 def test_speed_perturbed_copies_train_but_never_validate_or_normalize(tmp_path, feature_cache, generated_corpus,
                                                                        local_ray):
