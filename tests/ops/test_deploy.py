@@ -140,3 +140,17 @@ def test_runtime_env_is_a_ray_runtime_env_with_the_project_dependencies():
     RuntimeEnv(**env)  # Ray's own type checks
     assert env["working_dir"] == "."
     assert env["pip"] == [d.split("#")[0].strip() for d in PYPROJECT["dependencies"] if not d.startswith("ray")]
+
+
+def test_working_dir_package_holds_the_job_and_models_but_not_the_history(tmp_path):
+    """What `ray job submit --working-dir .` zips, by Ray's own packaging: .gitignore + .rayignore applied."""
+    import zipfile
+
+    from ray._private.runtime_env.packaging import create_package
+
+    package = tmp_path / "working_dir.zip"
+    create_package(str(ROOT), package, include_gitignore=True)
+    names = set(zipfile.ZipFile(package).namelist())
+    assert {"ser/pipeline.py", "jobs/label.py", "configs/label.yaml", "models/ravdess-actors/model.keras"} <= names
+    left_out = (".git/", ".venv/", "tests/", "bench/", "docs/", "runs/")
+    assert not [name for name in names if name.startswith(left_out)]
