@@ -51,9 +51,16 @@ def stage(args: list, env: dict[str, str] | None = None) -> dict:
         return {**json.loads(out.read_text()), "usage": usage.to_dict()}
 
 
+def clear_earlier_runs(work: Path) -> None:
+    """Remove the collections and outputs an earlier run left in --work: the full run must label every file."""
+    for earlier in [*work.glob("collection-*"), *work.glob("out-*")]:
+        shutil.rmtree(earlier)
+
+
 def labeling_runs(sources: list[Path], plan: Plan, work: Path, model: str) -> dict:
     """The full run, the unchanged re-run, and the memory runs (the full run counts where sizes agree)."""
     n = plan.files or len(sources)
+    clear_earlier_runs(work)
     for source in sources:
         source.read_bytes()  # every run, and every baseline, reads from the page cache
     collection = make_collection(sources, n, work / f"collection-{n}")

@@ -68,3 +68,13 @@ def test_quick_bench_reports_every_figure(tmp_path, tiny_bundle):
         assert isinstance(results["goals"][key]["met"], bool)
     assert results["rerun"]["labeled"] == 0  # nothing changed: the re-run skips every file
     assert "ser label steady" in done.stdout  # the printed table
+
+
+def test_a_reused_work_folder_starts_from_nothing(tmp_path):
+    """--work kept from an earlier run: its collections and outputs go, or the 'full' run would be a re-run."""
+    for folder in ("collection-8/000", "out-8/_runs", "out-8-split", "train"):
+        (tmp_path / folder).mkdir(parents=True)
+    (tmp_path / "collection-8/000/000000-a.flac").symlink_to(tmp_path / "missing.flac")
+    script = f"import pathlib, bench.suite; bench.suite.clear_earlier_runs(pathlib.Path({str(tmp_path)!r}))"
+    subprocess.run([sys.executable, "-c", script], cwd=ROOT, check=True, timeout=60)  # the top-level bench/
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["train"]
