@@ -63,6 +63,12 @@ def kernel_thread_seconds() -> float:
     return total
 
 
+def reaped_seconds() -> float:
+    """CPU seconds of this process's children that have exited and been waited for, with their own reaped ones."""
+    times = psutil.Process().cpu_times()
+    return times.children_user + times.children_system
+
+
 def role(command: list[str]) -> str:
     """A short name for what a process is: its title (Ray workers set one), or the script a Python runs."""
     if not command:
@@ -97,7 +103,7 @@ class TreeMonitor:
 
     def __enter__(self) -> TreeMonitor:
         self._started = time.perf_counter()
-        self._busy, self._own = machine_busy_seconds(), sum(self._me.cpu_times()[:2])
+        self._busy, self._own, self._reaped = machine_busy_seconds(), sum(self._me.cpu_times()[:2]), reaped_seconds()
         self._kernel = kernel_thread_seconds()
         self._thread.start()
         return self
@@ -107,7 +113,9 @@ class TreeMonitor:
         self._thread.join()
         wall = time.perf_counter() - self._started
         capacity = wall * (psutil.cpu_count() or 1)
-        tree_cpu = sum(self.cpu.values())
+        # a process's CPU after its last sample is lost when it exits; the kernel adds every process it reaped
+        # (the root, waited for by the caller, and the descendants reaped along the chain) to our children times
+        tree_cpu = max(sum(self.cpu.values()), reaped_seconds() - self._reaped)
         own = sum(self._me.cpu_times()[:2]) - self._own
         kernel = kernel_thread_seconds() - self._kernel
         other = max(0.0, machine_busy_seconds() - self._busy - tree_cpu - own - kernel)
