@@ -99,6 +99,11 @@ def write_card(path: str | Path, card: dict) -> None:
     os.replace(tmp, target)
 
 
+def ensemble_members(card: dict) -> list[dict]:
+    """The member summaries of an ensemble bundle's card; empty for a single model."""
+    return card.get("ensemble", {}).get("members") or []
+
+
 def read_card(path: str | Path) -> dict:
     card_path = Path(path) / CARD_FILE
     if not card_path.is_file():

@@ -48,6 +48,7 @@ def _leave_ray() -> None:
 
 
 def _fail(message: str, code: int = 2) -> None:
+    _leave_ray()
     click.echo(f"error: {message}", err=True)
     sys.exit(code)
 
@@ -338,7 +339,6 @@ def train(config_path, protocol, data_dir, output, num_workers, epochs, seed, ov
     try:
         out, card = run_training(cfg, address=address)
     except FileNotFoundError as exc:
-        _leave_ray()
         _fail(str(exc))
     _leave_ray()
     _echo_trained(out, card, f"{card['train_seconds']:.0f} s")
@@ -346,7 +346,7 @@ def train(config_path, protocol, data_dir, output, num_workers, epochs, seed, ov
 
 def _echo_trained(out: Path, card: dict, extra: str) -> None:
     val = card["validation"]["after_calibration"]
-    members = card.get("ensemble", {}).get("members")
+    members = bundle.ensemble_members(card)
     chosen = f"ensemble of {len(members)}" if members else f"best epoch {card['best_epoch']}"
     click.echo(f"bundle: {out}")
     click.echo(
@@ -427,10 +427,8 @@ def label(input_spec, output, config_path, root, model, force, segments, overrid
     try:
         manifest = run(cfg, address=address)
     except (InputError, bundle.BundleError, OSError) as exc:
-        _leave_ray()
         _fail(str(exc))
     except RunFailed as exc:
-        _leave_ray()
         _fail(str(exc), code=RUN_FAILED)
     _leave_ray()
     click.echo(summary(manifest, cfg.output))

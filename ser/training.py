@@ -507,7 +507,7 @@ STATS_RTOL = 1e-5
 def _base_members(loaded: bundle.Bundle) -> list[tuple[object, dict]]:
     """A bundle's base models with their summaries; an ensemble bundle contributes each of its members, so an
     ensemble grown from another weighs every base model alike."""
-    nested = loaded.card.get("ensemble", {}).get("members")
+    nested = bundle.ensemble_members(loaded.card)
     if nested:
         import keras
 
@@ -558,7 +558,7 @@ def ensemble_bundles(members: list[Path], output: Path, cache_dir: str | None = 
     """`ser ensemble`: combine bundles trained separately (same protocol and recipe, different seeds)."""
     cards = [bundle.read_card(path) for path in members]
     first = cards[0]
-    base_models = sum(len(member.get("ensemble", {}).get("members") or [member]) for member in cards)
+    base_models = sum(len(bundle.ensemble_members(member)) or 1 for member in cards)
     values = dict(first["train_config"], ensemble=base_models)
     if cache_dir:
         values["cache_dir"] = cache_dir
