@@ -8,6 +8,7 @@ work under MultiWorkerMirroredStrategy inside Ray Train, so the step is written 
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import datetime as dt
 import hashlib
@@ -16,6 +17,7 @@ import shutil
 import tempfile
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,6 +65,7 @@ class TrainConfig:
     lr_schedule: str = "constant"  # constant, or cosine (decay to 5% over the maximum epochs)
     label_smoothing: float = 0.1
     patience: int = 8
+    average_checkpoints: int = 1  # validate, early-stop on and ship the mean weights of the last N epochs
     surprise_weight: float = 1.5
     normalization: str = "global"
     seed: int = 42
@@ -82,6 +85,8 @@ class TrainConfig:
             raise ValueError(f"normalization: expected 'global' or 'per_band', got {self.normalization!r}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule: expected 'constant' or 'cosine', got {self.lr_schedule!r}")
+        if self.average_checkpoints < 1:
+            raise ValueError(f"average_checkpoints: expected at least 1 epoch, got {self.average_checkpoints}")
         if self.ensemble < 1:
             raise ValueError(f"ensemble: expected at least 1 member, got {self.ensemble}")
         if self.batch_size % self.num_workers:
@@ -211,6 +216,12 @@ def one_window_per_file(file_of_window: np.ndarray, rng: np.random.Generator) ->
     chosen = order[first]
     rng.shuffle(chosen)
     return chosen
+
+
+def mean_weights(checkpoints: Sequence[list[np.ndarray]]) -> list[np.ndarray]:
+    """Checkpoint averaging: the element-wise mean of several epochs' weights (BatchNorm statistics too)."""
+    return [np.mean(values, axis=0, dtype=np.float64).astype(values[0].dtype) for values in zip(*checkpoints,
+                                                                                                  strict=True)]
 
 
 # ---------------------------------------------------------------- the worker loop
@@ -354,8 +365,12 @@ def train_loop_per_worker(cfg: dict) -> None:
     strategy = tf.distribute.MultiWorkerMirroredStrategy() if world > 1 else tf.distribute.get_strategy()
     model, distributed_step = build_step(config, strategy, len(np.unique(owner[train_windows])))
     history, best, best_weights, since_best = [], None, None, 0
+    recent = collections.deque(maxlen=config.average_checkpoints)
     for epoch in range(config.epochs):
         train_loss, steps, seconds = train_epoch(distributed_step, data, config, epoch, rank, world)
+        if config.average_checkpoints > 1:  # validate (and keep) the average; training goes on from the raw weights
+            recent.append(model.get_weights())
+            model.set_weights(mean_weights(recent))
         scores = _file_scores(_window_logits(model, feats[val_windows], mean, std), val_owner, val_labels)
         record = {
             "epoch": epoch + 1,
@@ -376,6 +391,8 @@ def train_loop_per_worker(cfg: dict) -> None:
             best, best_weights, since_best = record, model.get_weights(), 0
         else:
             since_best += 1
+        if config.average_checkpoints > 1:
+            model.set_weights(recent[-1])
         stop = since_best >= config.patience or epoch + 1 == config.epochs
         if not stop:
             ray.train.report(record)

@@ -59,6 +59,39 @@ def test_one_window_per_file():
     assert picks == set(range(len(owner)))  # every window gets its turn across epochs
 
 
+def test_mixup_blends_samples_targets_and_weights_with_one_partner_each():
+    rng = np.random.default_rng(0)
+    n = 16
+    x = rng.standard_normal((n, 4, 4)).astype(np.float32)
+    y = np.eye(n, dtype=np.float32)  # one class per sample, so each blended target names its partner
+    w = rng.uniform(0.5, 2.0, n).astype(np.float32)
+    mx, my, mw = training.mixup(x, y, w, np.random.default_rng(1), alpha=0.2)
+    assert mx.shape == x.shape and my.shape == y.shape and mw.shape == w.shape
+    np.testing.assert_allclose(my.sum(axis=1), 1.0, rtol=1e-6)  # still a distribution over the classes
+    blended = 0
+    for i in range(n):
+        others = np.delete(np.arange(n), i)
+        partner = others[my[i, others].argmax()]
+        lam = my[i, i]
+        if lam == 1.0:  # its own partner
+            partner, lam = i, 1.0
+        blended += lam < 0.99
+        np.testing.assert_allclose(mx[i], lam * x[i] + (1 - lam) * x[partner], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(mw[i], lam * w[i] + (1 - lam) * w[partner], rtol=1e-5)
+    assert blended >= 2  # Beta(0.2, 0.2) draws are mostly near 0 or 1, but not all of them
+
+
+def test_mean_weights_averages_each_variable_in_its_own_dtype():
+    checkpoints = [[np.full((2, 2), v, np.float32), np.full(3, -v, np.float32)] for v in (1.0, 2.0, 6.0)]
+    mean = training.mean_weights(checkpoints)
+    assert [m.shape for m in mean] == [(2, 2), (3,)] and all(m.dtype == np.float32 for m in mean)
+    np.testing.assert_array_equal(mean[0], 3.0)
+    np.testing.assert_array_equal(mean[1], -3.0)
+    np.testing.assert_array_equal(training.mean_weights(checkpoints[:1])[0], checkpoints[0][0])
+    with pytest.raises(ValueError, match="average_checkpoints"):
+        training.TrainConfig(average_checkpoints=0)
+
+
 @pytest.mark.parametrize(("mode", "shape"), [("global", ()), ("per_band", (features.N_MELS, 1))])
 def test_normalization_stats(mode, shape):
     rng = np.random.default_rng(0)
@@ -89,8 +122,8 @@ def generated_corpus(tmp_path_factory):
 
 
 def _smoke_train(tmp_path, feature_cache, **values):
+    values = {"epochs": 1} | values
     config = training.TrainConfig(
-        epochs=1,
         batch_size=8,
         output=str(tmp_path / "bundle"),
         cache_dir=str(feature_cache),
@@ -101,7 +134,8 @@ def _smoke_train(tmp_path, feature_cache, **values):
     out, card = training.train(config)
     loaded = bundle.load(out)
     assert loaded.card == card and card["num_workers"] == values["num_workers"]
-    assert [row["epoch"] for row in card["history"]] == [1] and "train_loss" in card["history"][0]
+    assert [row["epoch"] for row in card["history"]] == list(range(1, config.epochs + 1))
+    assert "train_loss" in card["history"][0]
     low, high = calibration.TEMPERATURE_BOUNDS
     assert low <= card["calibration"]["temperature"] <= high
     assert loaded.temperature == card["calibration"]["temperature"]
@@ -164,6 +198,24 @@ def test_ensemble_training_and_ser_ensemble_agree(tmp_path, feature_cache, gener
         else:
             with pytest.raises(bundle.BundleError, match="other data or statistics"):
                 training.combine(member_dirs, tmp_path / "shifted", shifted, grown_card)
+
+
+def test_checkpoint_averaging_validates_and_ships_the_average(tmp_path, feature_cache, generated_corpus,
+                                                              local_ray):
+    """average_checkpoints=2 against a plain run of the same seed: the same training losses (training goes on
+    from each epoch's own weights, not from the average), the same first validation (an average of one), a
+    different second one (the mean of epochs 1 and 2), and each ships exactly the weights it validated best."""
+    common = {"data_dir": str(generated_corpus), "protocol": "actors", "num_workers": 1, "patience": 5, "epochs": 3,
+              "learning_rate": 0.01}  # big steps: the mean of two epochs is far from either
+    raw = _smoke_train(tmp_path / "raw", feature_cache, **common)
+    averaged = _smoke_train(tmp_path / "avg", feature_cache, average_checkpoints=2, **common)
+    losses = [[row["train_loss"] for row in run["history"]] for run in (raw, averaged)]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)
+    assert averaged["history"][0]["val_nll"] == pytest.approx(raw["history"][0]["val_nll"], rel=1e-4)
+    assert averaged["history"][1]["val_nll"] != pytest.approx(raw["history"][1]["val_nll"], rel=1e-3)
+    for run in (raw, averaged):
+        validated = run["history"][run["best_epoch"] - 1]["val_nll"]
+        assert run["validation"]["before_calibration"]["nll"] == pytest.approx(validated, rel=1e-5)
 
 
 def test_speed_perturbed_copies_train_but_never_validate_or_normalize(tmp_path, feature_cache, generated_corpus,
