@@ -72,6 +72,11 @@ def kernel_thread_seconds() -> float:
     return total
 
 
+def kernel_seconds() -> float:
+    """CPU seconds of kernel work done for whoever runs: the kernel's threads and the interrupt handlers."""
+    return kernel_thread_seconds() + interrupt_seconds()
+
+
 def reaped_seconds() -> float:
     """CPU seconds of this process's children that have exited and been waited for, with their own reaped ones."""
     times = psutil.Process().cpu_times()
@@ -113,7 +118,7 @@ class TreeMonitor:
     def __enter__(self) -> TreeMonitor:
         self._started = time.perf_counter()
         self._busy, self._own, self._reaped = machine_busy_seconds(), sum(self._me.cpu_times()[:2]), reaped_seconds()
-        self._kernel = kernel_thread_seconds() + interrupt_seconds()
+        self._kernel = kernel_seconds()
         self._thread.start()
         return self
 
@@ -126,7 +131,7 @@ class TreeMonitor:
         # (the root, waited for by the caller, and the descendants reaped along the chain) to our children times
         tree_cpu = max(sum(self.cpu.values()), reaped_seconds() - self._reaped)
         own = sum(self._me.cpu_times()[:2]) - self._own
-        kernel = kernel_thread_seconds() + interrupt_seconds() - self._kernel
+        kernel = kernel_seconds() - self._kernel
         other = max(0.0, machine_busy_seconds() - self._busy - tree_cpu - own - kernel)
         self.usage = Usage(
             wall_s=wall,

@@ -220,8 +220,8 @@ def one_window_per_file(file_of_window: np.ndarray, rng: np.random.Generator) ->
 
 def mean_weights(checkpoints: Sequence[list[np.ndarray]]) -> list[np.ndarray]:
     """Checkpoint averaging: the element-wise mean of several epochs' weights (BatchNorm statistics too)."""
-    return [np.mean(values, axis=0, dtype=np.float64).astype(values[0].dtype) for values in zip(*checkpoints,
-                                                                                                  strict=True)]
+    per_variable = zip(*checkpoints, strict=True)
+    return [np.mean(values, axis=0, dtype=np.float64).astype(values[0].dtype) for values in per_variable]
 
 
 # ---------------------------------------------------------------- the worker loop

@@ -74,7 +74,7 @@ def test_mixup_blends_samples_targets_and_weights_with_one_partner_each():
         partner = others[my[i, others].argmax()]
         lam = my[i, i]
         if lam == 1.0:  # its own partner
-            partner, lam = i, 1.0
+            partner = i
         blended += lam < 0.99
         np.testing.assert_allclose(mx[i], lam * x[i] + (1 - lam) * x[partner], rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(mw[i], lam * w[i] + (1 - lam) * w[partner], rtol=1e-5)
