@@ -5,12 +5,18 @@ PSS, which counts shared pages once), and CPU time per process, kept after a pro
 (the process title: `ray::MapBatches(featurize)`, `ray::MapWorker(...)`, `raylet`, the driver `ser`, ...).
 CPU time the rest of the machine used meanwhile (less this monitor's own, the kernel's threads' and the
 interrupt handlers') is reported too, so figures taken on a busy machine are flagged.
+
+On Linux the monitoring process becomes a child subreaper: a process of the tree whose parent exits first (Ray's
+daemons and workers once the driver is gone) is re-parented to it instead of to init, stays in the sampled tree,
+and is reaped here, so its CPU up to its exit is counted exactly rather than lost after its last sample.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -22,6 +28,8 @@ SAMPLE_SECONDS = 0.5  # the monitor costs about 1% of one core at this rate
 PSS_EVERY = 4  # PSS (a read of smaps_rollup per process, costly) on every 4th sample only
 PYTHON_NAMES = ("python", "python3", "python3.11")
 BUSY_MACHINE = 0.05  # other processes using more than 5% of the cores: the figures are not trustworthy
+PR_SET_CHILD_SUBREAPER = 36  # prctl(2) option: orphans below this process are re-parented to it, not to init
+ORPHAN_GRACE_SECONDS = 10.0  # how long to wait, after the command, for its adopted orphans to finish exiting
 
 
 @dataclass(frozen=True)
@@ -83,6 +91,23 @@ def reaped_seconds() -> float:
     return times.children_user + times.children_system
 
 
+def become_subreaper() -> bool:
+    """Make this process adopt the orphans of its descendants (Linux only); whether it now does."""
+    if not sys.platform.startswith("linux"):
+        return False
+    return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+
+
+def cpu_with_reaped_children(proc: psutil.Process) -> float:
+    """A live process's CPU seconds with those of the children it has reaped (gone from every sample);
+    0 once it has exited."""
+    try:
+        times = proc.cpu_times()
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return 0.0
+    return times.user + times.system + times.children_user + times.children_system
+
+
 def role(command: list[str]) -> str:
     """A short name for what a process is: its title (Ray workers set one), or the script a Python runs."""
     if not command:
@@ -101,6 +126,15 @@ def _tree(root: psutil.Process) -> list[psutil.Process]:
         return []
 
 
+def _reap_if_exited(child: psutil.Process) -> None:
+    """Wait for a child that has exited, so the kernel adds its CPU (and its reaped children's) to ours."""
+    try:
+        if child.status() == psutil.STATUS_ZOMBIE:
+            os.waitpid(child.pid, os.WNOHANG)
+    except (psutil.NoSuchProcess, ChildProcessError):
+        pass
+
+
 class TreeMonitor:
     """Context manager sampling the tree below `pid` until exit; `usage` holds the result afterwards."""
 
@@ -112,6 +146,8 @@ class TreeMonitor:
         self.peak_rss = self.peak_pss = self.peak_processes = self.samples = 0
         self.usage: Usage | None = None
         self._me = psutil.Process()
+        self._adopting = False
+        self._not_ours: set[int] = set()  # children this process had before: another caller waits for them
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="tree-monitor", daemon=True)
 
@@ -119,6 +155,8 @@ class TreeMonitor:
         self._started = time.perf_counter()
         self._busy, self._own, self._reaped = machine_busy_seconds(), sum(self._me.cpu_times()[:2]), reaped_seconds()
         self._kernel = kernel_seconds()
+        self._adopting = become_subreaper()
+        self._not_ours = {child.pid for child in self._me.children()} - {self.root.pid}
         self._thread.start()
         return self
 
@@ -127,9 +165,11 @@ class TreeMonitor:
         self._thread.join()
         wall = time.perf_counter() - self._started
         capacity = wall * (psutil.cpu_count() or 1)
-        # a process's CPU after its last sample is lost when it exits; the kernel adds every process it reaped
-        # (the root, waited for by the caller, and the descendants reaped along the chain) to our children times
-        tree_cpu = max(sum(self.cpu.values()), reaped_seconds() - self._reaped)
+        # a process's CPU after its last sample is lost when it exits, unless it is reaped along a chain that ends
+        # here (the root, waited for by the caller, and the orphans this subreaper adopted): the kernel adds those
+        # to our children times, and the processes still alive carry the CPU of the children they reaped
+        still_running = sum(cpu_with_reaped_children(proc) for proc in self.processes())
+        tree_cpu = max(sum(self.cpu.values()), reaped_seconds() - self._reaped + still_running)
         own = sum(self._me.cpu_times()[:2]) - self._own
         kernel = kernel_seconds() - self._kernel
         other = max(0.0, machine_busy_seconds() - self._busy - tree_cpu - own - kernel)
@@ -144,6 +184,7 @@ class TreeMonitor:
             peak_processes=self.peak_processes,
             cpu_s_by_role={name: round(seconds, 2) for name, seconds in self.by_role.most_common()},
         )
+        self._wait_for_orphans()
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -151,12 +192,32 @@ class TreeMonitor:
             self._stop.wait(self.interval)
         self.sample()
 
+    def adopted(self) -> list[psutil.Process]:
+        """Orphans of the tree that were re-parented to this process (none unless it is a subreaper)."""
+        if not self._adopting:
+            return []
+        return [child for child in self._me.children() if child.pid not in self._not_ours | {self.root.pid}]
+
+    def processes(self) -> list[psutil.Process]:
+        """Every live process of the tree: the root's descendants and the adopted orphans with theirs."""
+        return [proc for top in (self.root, *self.adopted()) for proc in _tree(top)]
+
+    def _wait_for_orphans(self) -> None:
+        """Reap the adopted processes still exiting after the command (Ray's shutdown kills them), so that
+        they are neither left as zombies nor booked to the next tree this process monitors."""
+        deadline = time.monotonic() + ORPHAN_GRACE_SECONDS
+        while (orphans := self.adopted()) and time.monotonic() < deadline:
+            psutil.wait_procs(orphans, timeout=max(0.0, deadline - time.monotonic()))
+
     def sample(self) -> None:
-        """One look at the tree: memory now (PSS every PSS_EVERY samples), CPU time so far."""
+        """One look at the tree: memory now (PSS every PSS_EVERY samples), CPU time so far; exited orphans
+        are reaped."""
         with_pss = self.samples % PSS_EVERY == 0
         self.samples += 1
         rss = pss = alive = 0
-        for proc in _tree(self.root):
+        for orphan in self.adopted():
+            _reap_if_exited(orphan)
+        for proc in self.processes():
             try:
                 with proc.oneshot():
                     memory = proc.memory_full_info() if with_pss else proc.memory_info()

@@ -111,3 +111,29 @@ def test_loopback_network_work_is_the_trees_not_another_workload():
     idle, busy = usage["idle"], usage["busy"]
     assert busy["cpu_utilisation"] > 0.2  # the transfer ran
     assert busy["kernel_cpu_utilisation"] - idle["kernel_cpu_utilisation"] > 0.01, usage
+
+
+BURN_SECONDS = 1.5
+_BURN = f"import time\nstarted = time.process_time()\nwhile time.process_time() - started < {BURN_SECONDS}:\n    pass"
+# the middle process starts a worker that burns CPU and one that outlives the root, then exits: both are orphaned
+_MIDDLE = f"import subprocess, sys; [subprocess.Popen([sys.executable, '-c', code]) for code in ({_BURN!r}, " \
+          "'import time; time.sleep(6)')]"
+_ROOT = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {_MIDDLE!r}]); time.sleep(4)"
+_MONITOR_ORPHANS = f"""
+import json, subprocess, sys, psutil
+from bench.monitor import TreeMonitor
+root = subprocess.Popen([sys.executable, "-c", {_ROOT!r}])
+with TreeMonitor(root.pid, interval=60) as monitor:  # no sample between the first and the last
+    root.wait()
+print(json.dumps({{"usage": monitor.usage.to_dict(), "children_left": len(psutil.Process().children())}}))
+"""
+
+
+def test_orphans_cpu_is_the_trees_when_it_exits_unseen():
+    """Ray's processes outlive the driver that started them and work until they exit, unseen by any sample:
+    re-parented to init their CPU was lost (and booked as another workload). The monitor adopts them."""
+    done = subprocess.run([sys.executable, "-c", _MONITOR_ORPHANS], cwd=ROOT, capture_output=True, text=True,
+                          check=True, timeout=60)  # the top-level bench/
+    result = json.loads(done.stdout)
+    assert result["usage"]["cpu_s"] > 0.9 * BURN_SECONDS, result
+    assert result["children_left"] == 0  # the orphan still sleeping when the root exited was waited for
