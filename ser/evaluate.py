@@ -1,4 +1,5 @@
-"""Evaluation on a protocol's test split: accuracy, F1s, per-class scores, confusion matrix, calibration."""
+"""Evaluation on a protocol's test split: accuracy, F1s, per-class scores, confusion matrix, calibration,
+and how much of each headline figure is the test set's sampling noise."""
 
 from __future__ import annotations
 
@@ -9,6 +10,64 @@ from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_
 
 from ser import calibration, features, ravdess
 from ser.predict import Predictor
+
+BOOTSTRAP_RESAMPLES = 2000
+INTERVAL_LEVEL = 0.95
+BOOTSTRAP_SEED = 0  # fixed: the same predictions always give the same interval
+
+
+def macro_f1(labels: np.ndarray, predicted: np.ndarray, n_classes: int) -> np.ndarray:
+    """Macro-F1 of each row of (resamples, files) label and prediction arrays (sklearn's, zero_division=0)."""
+    pairs = labels * n_classes + predicted + (np.arange(len(labels)) * n_classes**2)[:, None]
+    counts = np.bincount(pairs.ravel(), minlength=len(labels) * n_classes**2).reshape(-1, n_classes, n_classes)
+    true_positives = np.diagonal(counts, axis1=1, axis2=2)
+    # F1 = 2 TP / (2 TP + FP + FN) = 2 TP / (files predicted as the class + files of the class)
+    return (2 * true_positives / np.maximum(counts.sum(axis=1) + counts.sum(axis=2), 1)).mean(axis=1)
+
+
+def ece_rows(confidence: np.ndarray, correct: np.ndarray, n_bins: int = calibration.ECE_BINS) -> np.ndarray:
+    """ECE of each row of (resamples, files) top-class confidences and hits, as in
+    calibration.expected_calibration_error: per bin, |sum of confidences - hits|, over the files."""
+    rows = len(confidence)
+    bins = np.minimum((confidence * n_bins).astype(int), n_bins - 1) + (np.arange(rows) * n_bins)[:, None]
+    per_bin = [np.bincount(bins.ravel(), weights=w.ravel(), minlength=rows * n_bins).reshape(rows, n_bins)
+               for w in (confidence, correct.astype(float))]
+    return np.abs(per_bin[0] - per_bin[1]).sum(axis=1) / confidence.shape[1]
+
+
+def sampling_intervals(probs: np.ndarray, labels: np.ndarray, resamples: int = BOOTSTRAP_RESAMPLES,
+                       level: float = INTERVAL_LEVEL, seed: int = BOOTSTRAP_SEED) -> dict:
+    """How far this test set's size alone moves the headline figures.
+
+    accuracy, macro_f1: percentile bootstrap intervals, test files resampled with replacement.
+    ece_if_calibrated: the range of ECE that a perfectly calibrated model with these very confidences would
+    show on this many files (each file's hit drawn with its confidence as probability: consistency
+    resampling, Broecker & Smith 2007). ECE is biased upwards on few files, so a bootstrap interval of it
+    need not even hold the estimate; an ECE inside this range is indistinguishable from perfect calibration.
+    None of them covers the spread between training runs or (one speaker's files not being independent)
+    the uncertainty about voices the test set lacks.
+    """
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(labels), (resamples, len(labels)))
+    chosen, predicted = labels[draws], probs.argmax(axis=1)[draws]
+    confidence = np.broadcast_to(probs.max(axis=1), draws.shape)
+    statistics = {
+        "accuracy": (chosen == predicted).mean(axis=1),
+        "macro_f1": macro_f1(chosen, predicted, probs.shape[1]),
+        "ece_if_calibrated": ece_rows(confidence, rng.random(draws.shape) < confidence),
+    }
+    tails = 100 * np.array([(1 - level) / 2, (1 + level) / 2])
+    return {
+        "level": level,
+        "resamples": resamples,
+        **{name: np.percentile(values, tails).tolist() for name, values in statistics.items()},
+    }
+
+
+def interval(result: dict, name: str) -> str:
+    """A metric's bootstrap interval as printed: "[0.656, 0.743]"."""
+    low, high = result["intervals"][name]
+    return f"[{low:.3f}, {high:.3f}]"
 
 
 def metrics(probs: np.ndarray, labels: np.ndarray, classes: tuple[str, ...]) -> dict:
@@ -29,6 +88,7 @@ def metrics(probs: np.ndarray, labels: np.ndarray, classes: tuple[str, ...]) -> 
         "ece": calibration.expected_calibration_error(probs, labels),
         "nll": calibration.nll(probs, labels),
         "reliability": calibration.reliability(probs, labels),
+        "intervals": sampling_intervals(probs, labels),
     }
 
 

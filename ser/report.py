@@ -146,14 +146,19 @@ def reliability_figure(bins: list[dict], ece: float) -> Figure:
 
 def evaluation_html(result: dict, classes: tuple[str, ...]) -> str:
     """The `ser evaluate --html` page: metrics, confusion matrix, per-class scores and reliability diagram."""
+    from ser.evaluate import interval
+
+    level = f"{result['intervals']['level']:.0%} of what {result['n']} test files give by chance"
     summary = _key_values(
         {
             "test files": result["n"],
-            "accuracy": f"{result['accuracy']:.4f}",
-            "macro F1": f"{result['macro_f1']:.4f}",
+            "accuracy": f"{result['accuracy']:.4f} {interval(result, 'accuracy')}",
+            "macro F1": f"{result['macro_f1']:.4f} {interval(result, 'macro_f1')}",
             "weighted F1": f"{result['weighted_f1']:.4f}",
             "ECE before calibration": f"{result['ece_uncalibrated']:.4f}",
             "ECE after calibration": f"{result['ece']:.4f}",
+            "ECE a perfectly calibrated model shows by chance": interval(result, "ece_if_calibrated"),
+            "intervals [low, high]": level,
             "NLL before / after calibration": f"{result['nll_uncalibrated']:.4f} / {result['nll']:.4f}",
             "temperature": f"{result['temperature']:.3f}",
             "model sha256": result["model_sha256"][:16],

@@ -60,6 +60,8 @@ def test_evaluation_page(browser, tmp_path, evaluation_result):
                    evaluation_result["ece"], 0.1234):
         assert f"{number:.4f}" in text
     assert "1.372" in text
+    for name in ("accuracy", "macro_f1", "ece_if_calibrated"):
+        assert "[{:.3f}, {:.3f}]".format(*evaluation_result["intervals"][name]) in text
     for name, row in evaluation_result["per_class"].items():
         assert f"{name}\t{row['precision']:.3f}\t{row['recall']:.3f}" in text
 
