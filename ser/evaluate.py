@@ -65,7 +65,7 @@ def sampling_intervals(probs: np.ndarray, labels: np.ndarray, resamples: int = B
 
 
 def interval(result: dict, name: str) -> str:
-    """A metric's bootstrap interval as printed: "[0.656, 0.743]"."""
+    """One of result["intervals"] as printed: "[0.656, 0.743]"."""
     low, high = result["intervals"][name]
     return f"[{low:.3f}, {high:.3f}]"
 
