@@ -13,6 +13,7 @@ and is reaped here, so its CPU up to its exit is counted exactly rather than los
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import subprocess
@@ -127,12 +128,10 @@ def _tree(root: psutil.Process) -> list[psutil.Process]:
 
 
 def _reap_if_exited(child: psutil.Process) -> None:
-    """Wait for a child that has exited, so the kernel adds its CPU (and its reaped children's) to ours."""
-    try:
-        if child.status() == psutil.STATUS_ZOMBIE:
-            os.waitpid(child.pid, os.WNOHANG)
-    except (psutil.NoSuchProcess, ChildProcessError):
-        pass
+    """Wait for a child that has exited (WNOHANG: one still running is left alone), so the kernel adds its CPU
+    (and its reaped children's) to ours."""
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(child.pid, os.WNOHANG)
 
 
 class TreeMonitor:
@@ -147,7 +146,7 @@ class TreeMonitor:
         self.usage: Usage | None = None
         self._me = psutil.Process()
         self._adopting = False
-        self._not_ours: set[int] = set()  # children this process had before: another caller waits for them
+        self._not_ours: set[int] = set()  # the root and the children this process had before: others wait for them
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="tree-monitor", daemon=True)
 
@@ -156,7 +155,7 @@ class TreeMonitor:
         self._busy, self._own, self._reaped = machine_busy_seconds(), sum(self._me.cpu_times()[:2]), reaped_seconds()
         self._kernel = kernel_seconds()
         self._adopting = become_subreaper()
-        self._not_ours = {child.pid for child in self._me.children()} - {self.root.pid}
+        self._not_ours = {child.pid for child in self._me.children()} | {self.root.pid}
         self._thread.start()
         return self
 
@@ -196,11 +195,12 @@ class TreeMonitor:
         """Orphans of the tree that were re-parented to this process (none unless it is a subreaper)."""
         if not self._adopting:
             return []
-        return [child for child in self._me.children() if child.pid not in self._not_ours | {self.root.pid}]
+        return [child for child in self._me.children() if child.pid not in self._not_ours]
 
-    def processes(self) -> list[psutil.Process]:
-        """Every live process of the tree: the root's descendants and the adopted orphans with theirs."""
-        return [proc for top in (self.root, *self.adopted()) for proc in _tree(top)]
+    def processes(self, orphans: list[psutil.Process] | None = None) -> list[psutil.Process]:
+        """Every live process of the tree: the root's descendants and the adopted `orphans` (default: those
+        adopted now) with theirs."""
+        return [proc for top in (self.root, *(self.adopted() if orphans is None else orphans)) for proc in _tree(top)]
 
     def _wait_for_orphans(self) -> None:
         """Reap the adopted processes still exiting after the command (Ray's shutdown kills them), so that
@@ -215,9 +215,10 @@ class TreeMonitor:
         with_pss = self.samples % PSS_EVERY == 0
         self.samples += 1
         rss = pss = alive = 0
-        for orphan in self.adopted():
+        orphans = self.adopted()  # one scan of the process table for both uses
+        for orphan in orphans:
             _reap_if_exited(orphan)
-        for proc in self.processes():
+        for proc in self.processes(orphans):
             try:
                 with proc.oneshot():
                     memory = proc.memory_full_info() if with_pss else proc.memory_info()
