@@ -35,11 +35,16 @@ def fit_temperature(window_logits: np.ndarray, file_index: np.ndarray, labels: n
     return float(np.exp(result.x))
 
 
+def confidence_bin(confidence: np.ndarray, n_bins: int = ECE_BINS) -> np.ndarray:
+    """The equal-width bin of each confidence (a confidence of exactly 1 falls in the last bin)."""
+    return np.minimum((confidence * n_bins).astype(int), n_bins - 1)
+
+
 def reliability(probs: np.ndarray, labels: np.ndarray, n_bins: int = ECE_BINS) -> list[dict]:
     """Equal-width confidence bins: each bin's bounds, count, mean confidence and accuracy."""
     confidence = probs.max(axis=1)
     correct = probs.argmax(axis=1) == labels
-    bins = np.minimum((confidence * n_bins).astype(int), n_bins - 1)
+    bins = confidence_bin(confidence, n_bins)
     rows = []
     for b in range(n_bins):
         members = bins == b
@@ -61,3 +66,13 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: in
         sum(r["count"] * abs(r["accuracy"] - r["confidence"]) for r in reliability(probs, labels, n_bins) if r["count"])
         / max(len(labels), 1)
     )
+
+
+def ece_rows(confidence: np.ndarray, correct: np.ndarray, n_bins: int = ECE_BINS) -> np.ndarray:
+    """ECE of each row of (resamples, files) top-class confidences and hits, as expected_calibration_error
+    gives it for one: per bin, |sum of confidences - hits|, over the files."""
+    rows = len(confidence)
+    bins = confidence_bin(confidence, n_bins) + (np.arange(rows) * n_bins)[:, None]
+    per_bin = [np.bincount(bins.ravel(), weights=w.ravel(), minlength=rows * n_bins).reshape(rows, n_bins)
+               for w in (confidence, correct.astype(float))]
+    return np.abs(per_bin[0] - per_bin[1]).sum(axis=1) / confidence.shape[1]

@@ -25,16 +25,6 @@ def macro_f1(labels: np.ndarray, predicted: np.ndarray, n_classes: int) -> np.nd
     return (2 * true_positives / np.maximum(counts.sum(axis=1) + counts.sum(axis=2), 1)).mean(axis=1)
 
 
-def ece_rows(confidence: np.ndarray, correct: np.ndarray, n_bins: int = calibration.ECE_BINS) -> np.ndarray:
-    """ECE of each row of (resamples, files) top-class confidences and hits, as in
-    calibration.expected_calibration_error: per bin, |sum of confidences - hits|, over the files."""
-    rows = len(confidence)
-    bins = np.minimum((confidence * n_bins).astype(int), n_bins - 1) + (np.arange(rows) * n_bins)[:, None]
-    per_bin = [np.bincount(bins.ravel(), weights=w.ravel(), minlength=rows * n_bins).reshape(rows, n_bins)
-               for w in (confidence, correct.astype(float))]
-    return np.abs(per_bin[0] - per_bin[1]).sum(axis=1) / confidence.shape[1]
-
-
 def sampling_intervals(probs: np.ndarray, labels: np.ndarray, resamples: int = BOOTSTRAP_RESAMPLES,
                        level: float = INTERVAL_LEVEL, seed: int = BOOTSTRAP_SEED) -> dict:
     """How far this test set's size alone moves the headline figures.
@@ -54,7 +44,7 @@ def sampling_intervals(probs: np.ndarray, labels: np.ndarray, resamples: int = B
     statistics = {
         "accuracy": (chosen == predicted).mean(axis=1),
         "macro_f1": macro_f1(chosen, predicted, probs.shape[1]),
-        "ece_if_calibrated": ece_rows(confidence, rng.random(draws.shape) < confidence),
+        "ece_if_calibrated": calibration.ece_rows(confidence, rng.random(draws.shape) < confidence),
     }
     tails = 100 * np.array([(1 - level) / 2, (1 + level) / 2])
     return {

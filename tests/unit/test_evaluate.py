@@ -39,7 +39,7 @@ def test_bootstrap_statistics_equal_the_reported_metrics_row_by_row():
                    for truth, guess in zip(labels, predicted, strict=True)]
     np.testing.assert_allclose(evaluate.macro_f1(labels, predicted, N_CLASSES), expected_f1, rtol=1e-12)
     expected_ece = [calibration.expected_calibration_error(probs, row_labels) for probs, row_labels in rows]
-    np.testing.assert_allclose(evaluate.ece_rows(confidence, labels == predicted), expected_ece, rtol=1e-9)
+    np.testing.assert_allclose(calibration.ece_rows(confidence, labels == predicted), expected_ece, rtol=1e-9)
 
 
 def test_intervals_hold_the_estimate_narrow_with_more_files_and_repeat():
