@@ -21,10 +21,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 def import_tensorflow_quietly() -> None:
     """Import TensorFlow with its native start-up lines (written before logging is set up) silenced.
 
-    What it printed is shown after all if the import fails.
+    What it printed is shown after all if the import fails. scikit-learn is kept out of the import: Keras
+    loads it only for its scikit-learn wrappers, which ser does not use, and it is 15-20% of TensorFlow's
+    import, paid by every inference actor before it scores anything. It imports normally afterwards.
     """
     if "tensorflow" in sys.modules:
         return
+    block_sklearn = "sklearn" not in sys.modules
+    if block_sklearn:
+        sys.modules["sklearn"] = None  # makes `import sklearn` raise ImportError, which Keras handles
     saved = os.dup(2)
     with tempfile.TemporaryFile() as captured:
         os.dup2(captured.fileno(), 2)
@@ -38,6 +43,8 @@ def import_tensorflow_quietly() -> None:
         finally:
             os.dup2(saved, 2)
             os.close(saved)
+            if block_sklearn:
+                del sys.modules["sklearn"]
 
 
 def _leave_ray() -> None:
@@ -323,7 +330,8 @@ def train(config_path, protocol, data_dir, output, num_workers, epochs, seed, ov
 
     Features are extracted once with Ray Data and cached; each worker runs the original recipe with a
     custom distributed step; the best epoch on validation is kept and its temperature is fitted on
-    validation. Evaluate the result with `ser evaluate --model OUTPUT`.
+    validation. Evaluate the result with `ser evaluate --model OUTPUT`. `--set distill_from=BUNDLE` trains
+    on a teacher's soft targets too (e.g. one model distilled from an ensemble of the same protocol).
     """
     import_tensorflow_quietly()
     from ser.training import TrainConfig

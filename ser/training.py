@@ -70,6 +70,9 @@ class TrainConfig:
     normalization: str = "global"
     seed: int = 42
     ensemble: int = 1  # members trained with seeds seed, seed+1, ...; the bundle averages their logits
+    distill_from: str | None = None  # teacher bundle (same protocol and data): train on its soft targets too
+    distill_weight: float = 0.7  # share of the target taken from the teacher's probabilities
+    distill_temperature: float = 2.0  # softmax temperature of the teacher's logits for those targets
     max_files: int | None = None
     cache_dir: str = "~/.cache/ser/features"
     storage_path: str = "runs/ray"
@@ -89,6 +92,9 @@ class TrainConfig:
             raise ValueError(f"average_checkpoints: expected at least 1 epoch, got {self.average_checkpoints}")
         if self.ensemble < 1:
             raise ValueError(f"ensemble: expected at least 1 member, got {self.ensemble}")
+        if not 0.0 < self.distill_weight <= 1.0 or self.distill_temperature <= 0:
+            raise ValueError(f"distill_weight: expected (0, 1], got {self.distill_weight}; "
+                             f"distill_temperature: expected > 0, got {self.distill_temperature}")
         if self.batch_size % self.num_workers:
             raise ValueError(f"batch_size {self.batch_size} must divide evenly over {self.num_workers} workers")
 
@@ -336,6 +342,8 @@ def train_epoch(distributed_step, data: dict, config: TrainConfig, epoch: int, r
         idx = train_windows[mine[s * local_batch : (s + 1) * local_batch]]
         x = augment(normalize(feats[idx], data["mean"], data["std"]), worker_rng, config.augment)
         y, w = eye[labels[owner[idx]]], data["class_weights"][labels[owner[idx]]]
+        if data.get("soft_targets") is not None:
+            y = (1 - config.distill_weight) * y + config.distill_weight * data["soft_targets"][idx]
         if config.augment.mixup_alpha > 0:
             x, y, w = mixup(x, y, w, worker_rng, config.augment.mixup_alpha)
         total += float(distributed_step(tf.constant(x), tf.constant(y), tf.constant(w)))
@@ -446,6 +454,30 @@ def training_data(config: TrainConfig, table: pd.DataFrame, feature_set: Feature
     }
 
 
+def teacher_targets(config: TrainConfig, table: pd.DataFrame, data: dict) -> tuple[np.ndarray, dict]:
+    """Knowledge distillation (Hinton et al. 2015): the teacher bundle's probabilities at
+    `distill_temperature` for every training window (speed-perturbed copies included; zeros elsewhere),
+    computed once on the unaugmented features, and the card entry naming the teacher.
+
+    The teacher must have been trained under the same protocol on the same files, so its targets carry no
+    knowledge of the validation or test files."""
+    from ser.predict import softmax
+
+    teacher = bundle.load(config.distill_from)
+    expected = {"protocol": config.protocol, "data_fingerprint": data_fingerprint(table)}
+    found = {key: teacher.card.get(key) for key in expected}
+    if found != expected:
+        raise bundle.BundleError(f"{config.distill_from}: a teacher must be trained on this protocol's split of "
+                                 f"the same data; it has {found}, this run {expected}")
+    windows = training_windows(data)
+    soft = np.zeros((len(data["features"]), config.model.n_classes), dtype=np.float32)
+    logits = _window_logits(teacher.model, data["features"][windows], teacher.mean, teacher.std)
+    soft[windows] = softmax(logits, config.distill_temperature)
+    entry = {"teacher": teacher.name, "teacher_run_id": teacher.card["run_id"], "teacher_sha256": teacher.sha256,
+             "weight": config.distill_weight, "temperature": config.distill_temperature}
+    return soft, entry
+
+
 def _fit(config: TrainConfig, data_ref, card: dict, run_name: str, target: Path) -> Path:
     """One Ray Train run of `train_loop_per_worker`; its best bundle is copied to `target`."""
     import ray
@@ -483,6 +515,9 @@ def train(config: TrainConfig, address: str | None = None) -> tuple[Path, dict]:
     started = time.perf_counter()
     table, feature_set = prepare(config)
     data = training_data(config, table, feature_set)
+    distillation = None
+    if config.distill_from:
+        data["soft_targets"], distillation = teacher_targets(config, table, data)
     sides = data["sides"]
     data_ref = ray.put(data)
     card = {
@@ -498,6 +533,7 @@ def train(config: TrainConfig, address: str | None = None) -> tuple[Path, dict]:
         "n_files": len(table),
         "n_windows": int(feature_set.original().sum()),
         "num_workers": config.num_workers,
+        **({"distillation": distillation} if distillation else {}),
     }
     if config.ensemble == 1:
         _fit(config, data_ref, card, run_id, output)

@@ -118,3 +118,23 @@ def test_train_rejects_unknown_key():
     assert result.exit_code == 2
     assert re.fullmatch("error: unknown config key bogus .*\n", result.stderr)
     assert result.stdout == ""
+
+
+def test_tensorflow_imports_without_scikit_learn_which_still_imports_afterwards(tiny_bundle):
+    """A fresh process (as an inference actor is): TensorFlow and Keras come up and load a bundle without
+    importing scikit-learn, which then imports normally for the code that needs it (the `seed` split)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from ser.cli import import_tensorflow_quietly\n"
+        "import_tensorflow_quietly()\n"
+        "from ser import bundle\n"
+        f"bundle.load({str(tiny_bundle)!r})\n"
+        "assert 'tensorflow' in sys.modules and 'sklearn' not in sys.modules, sorted(sys.modules)[:5]\n"
+        "from sklearn.model_selection import train_test_split\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

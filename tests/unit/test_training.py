@@ -11,6 +11,7 @@ from sklearn.utils.class_weight import compute_class_weight
 
 from ser import audio, bundle, calibration, features, ravdess, training
 from ser.model import ModelConfig
+from ser.predict import normalize, softmax
 
 
 @pytest.mark.parametrize("counts", [[10, 20, 10, 10, 40, 10, 10, 20], [3, 0, 2, 2, 1, 0, 1, 1]], ids=["all", "absent"])
@@ -250,3 +251,36 @@ def test_speed_perturbation_changes_tempo_and_pitch_together():
     assert faster.dtype == np.float32 and len(faster) == pytest.approx(len(clip) / 1.1, abs=2)
     peak = np.fft.rfftfreq(len(faster), 1 / rate)[np.abs(np.fft.rfft(faster)).argmax()]
     assert peak == pytest.approx(tone * 1.1, abs=1.0)
+
+
+def test_distillation_blends_the_teachers_probabilities_into_the_targets(tmp_path, feature_cache,
+                                                                         generated_corpus, local_ray):
+    """distill_from: the targets of every training window blend its label with the teacher's probabilities at
+    distill_temperature (so training differs from a plain run of the same seed), the card names the teacher,
+    and a teacher trained on other files is refused."""
+    common = {"data_dir": str(generated_corpus), "protocol": "actors", "num_workers": 1, "epochs": 2}
+    plain = _smoke_train(tmp_path / "teacher", feature_cache, **common)
+    teacher = tmp_path / "teacher" / "bundle"
+    student = _smoke_train(tmp_path / "student", feature_cache, distill_from=str(teacher), distill_weight=0.5,
+                           distill_temperature=3.0, **common)
+    assert student["distillation"] == {"teacher": plain["name"], "teacher_run_id": plain["run_id"],
+                                       "teacher_sha256": bundle.load(teacher).sha256, "weight": 0.5,
+                                       "temperature": 3.0}
+    assert student["history"][0]["train_loss"] != pytest.approx(plain["history"][0]["train_loss"], rel=1e-3)
+
+    config = training.TrainConfig(distill_from=str(teacher), distill_temperature=3.0, cache_dir=str(feature_cache),
+                                  **common, model=ModelConfig(conv_filters=(4, 8, 8), lstm_units=8))
+    table, feature_set = training.prepare(config)
+    data = training.training_data(config, table, feature_set)
+    soft, _ = training.teacher_targets(config, table, data)
+    train = training.training_windows(data)
+    loaded = bundle.load(teacher)
+    logits = loaded.model(normalize(data["features"][train], loaded.mean, loaded.std), training=False).numpy()
+    np.testing.assert_allclose(soft[train], softmax(logits, 3.0), rtol=1e-4, atol=1e-6)
+    assert not soft[np.setdiff1d(np.arange(len(soft)), train)].any()  # no target outside the training files
+
+    other = dataclasses.replace(config, protocol="seed")
+    with pytest.raises(bundle.BundleError, match="same data"):
+        training.teacher_targets(other, table, data)
+    with pytest.raises(ValueError, match="distill_weight"):
+        training.TrainConfig(distill_weight=0.0)
