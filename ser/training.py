@@ -92,9 +92,10 @@ class TrainConfig:
             raise ValueError(f"average_checkpoints: expected at least 1 epoch, got {self.average_checkpoints}")
         if self.ensemble < 1:
             raise ValueError(f"ensemble: expected at least 1 member, got {self.ensemble}")
-        if not 0.0 < self.distill_weight <= 1.0 or self.distill_temperature <= 0:
-            raise ValueError(f"distill_weight: expected (0, 1], got {self.distill_weight}; "
-                             f"distill_temperature: expected > 0, got {self.distill_temperature}")
+        if not 0.0 < self.distill_weight <= 1.0:
+            raise ValueError(f"distill_weight: expected a share in (0, 1], got {self.distill_weight}")
+        if self.distill_temperature <= 0:
+            raise ValueError(f"distill_temperature: expected > 0, got {self.distill_temperature}")
         if self.batch_size % self.num_workers:
             raise ValueError(f"batch_size {self.batch_size} must divide evenly over {self.num_workers} workers")
 
@@ -454,17 +455,17 @@ def training_data(config: TrainConfig, table: pd.DataFrame, feature_set: Feature
     }
 
 
-def teacher_targets(config: TrainConfig, table: pd.DataFrame, data: dict) -> tuple[np.ndarray, dict]:
+def teacher_targets(config: TrainConfig, fingerprint: str, data: dict) -> tuple[np.ndarray, dict]:
     """Knowledge distillation (Hinton et al. 2015): the teacher bundle's probabilities at
     `distill_temperature` for every training window (speed-perturbed copies included; zeros elsewhere),
     computed once on the unaugmented features, and the card entry naming the teacher.
 
     The teacher must have been trained under the same protocol on the same files, so its targets carry no
-    knowledge of the validation or test files."""
+    knowledge of the validation or test files; `fingerprint` is this run's `data_fingerprint`."""
     from ser.predict import softmax
 
     teacher = bundle.load(config.distill_from)
-    expected = {"protocol": config.protocol, "data_fingerprint": data_fingerprint(table)}
+    expected = {"protocol": config.protocol, "data_fingerprint": fingerprint}
     found = {key: teacher.card.get(key) for key in expected}
     if found != expected:
         raise bundle.BundleError(f"{config.distill_from}: a teacher must be trained on this protocol's split of "
@@ -515,9 +516,10 @@ def train(config: TrainConfig, address: str | None = None) -> tuple[Path, dict]:
     started = time.perf_counter()
     table, feature_set = prepare(config)
     data = training_data(config, table, feature_set)
+    fingerprint = data_fingerprint(table)
     distillation = None
     if config.distill_from:
-        data["soft_targets"], distillation = teacher_targets(config, table, data)
+        data["soft_targets"], distillation = teacher_targets(config, fingerprint, data)
     sides = data["sides"]
     data_ref = ray.put(data)
     card = {
@@ -529,7 +531,7 @@ def train(config: TrainConfig, address: str | None = None) -> tuple[Path, dict]:
         "protocol": config.protocol,
         "split": {side: int((sides == side).sum()) for side in ("train", "validation", "test")},
         "test_actors": sorted(ravdess.ACTORS_TEST) if config.protocol == "actors" else None,
-        "data_fingerprint": data_fingerprint(table),
+        "data_fingerprint": fingerprint,
         "n_files": len(table),
         "n_windows": int(feature_set.original().sum()),
         "num_workers": config.num_workers,

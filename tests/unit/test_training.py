@@ -257,14 +257,15 @@ def test_distillation_blends_the_teachers_probabilities_into_the_targets(tmp_pat
                                                                          generated_corpus, local_ray):
     """distill_from: the targets of every training window blend its label with the teacher's probabilities at
     distill_temperature (so training differs from a plain run of the same seed), the card names the teacher,
-    and a teacher trained on other files is refused."""
+    and a teacher of another protocol's split is refused."""
     common = {"data_dir": str(generated_corpus), "protocol": "actors", "num_workers": 1, "epochs": 2}
     plain = _smoke_train(tmp_path / "teacher", feature_cache, **common)
     teacher = tmp_path / "teacher" / "bundle"
+    loaded = bundle.load(teacher)
     student = _smoke_train(tmp_path / "student", feature_cache, distill_from=str(teacher), distill_weight=0.5,
                            distill_temperature=3.0, **common)
     assert student["distillation"] == {"teacher": plain["name"], "teacher_run_id": plain["run_id"],
-                                       "teacher_sha256": bundle.load(teacher).sha256, "weight": 0.5,
+                                       "teacher_sha256": loaded.sha256, "weight": 0.5,
                                        "temperature": 3.0}
     assert student["history"][0]["train_loss"] != pytest.approx(plain["history"][0]["train_loss"], rel=1e-3)
 
@@ -272,15 +273,17 @@ def test_distillation_blends_the_teachers_probabilities_into_the_targets(tmp_pat
                                   **common, model=ModelConfig(conv_filters=(4, 8, 8), lstm_units=8))
     table, feature_set = training.prepare(config)
     data = training.training_data(config, table, feature_set)
-    soft, _ = training.teacher_targets(config, table, data)
+    fingerprint = training.data_fingerprint(table)
+    soft, _ = training.teacher_targets(config, fingerprint, data)
     train = training.training_windows(data)
-    loaded = bundle.load(teacher)
     logits = loaded.model(normalize(data["features"][train], loaded.mean, loaded.std), training=False).numpy()
     np.testing.assert_allclose(soft[train], softmax(logits, 3.0), rtol=1e-4, atol=1e-6)
     assert not soft[np.setdiff1d(np.arange(len(soft)), train)].any()  # no target outside the training files
 
     other = dataclasses.replace(config, protocol="seed")
     with pytest.raises(bundle.BundleError, match="same data"):
-        training.teacher_targets(other, table, data)
+        training.teacher_targets(other, fingerprint, data)
     with pytest.raises(ValueError, match="distill_weight"):
         training.TrainConfig(distill_weight=0.0)
+    with pytest.raises(ValueError, match="distill_temperature"):
+        training.TrainConfig(distill_temperature=0.0)
