@@ -13,7 +13,6 @@ import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import librosa
 import numpy as np
 import soundfile as sf
 import soxr
@@ -27,6 +26,7 @@ SILENCE_PEAK = 10 ** (-80 / 20)  # a peak under -80 dBFS is treated as no signal
 RESAMPLE_TYPE = "soxr_hq"
 TRIM_FRAME_LENGTH = 2048  # librosa.effects.trim's frame and hop for the RMS it trims by
 TRIM_HOP_LENGTH = 512
+TRIM_RMS_FLOOR = 1e-5  # librosa.amplitude_to_db's floor for the frame RMS
 
 # Streaming. Files up to ONESHOT_MAX_SAMPLES source samples (frames x channels; 64 MiB of float32, e.g. 3 min
 # of 44.1 kHz stereo) are read in one call, as before streaming existed; larger ones BLOCK_SAMPLES at a time.
@@ -141,7 +141,7 @@ def _mono_resampled(sound: sf.SoundFile, rate: int, channels: int) -> tuple[np.n
     out.append(resampler.resample_chunk(np.zeros(0, np.float32), last=True))
     # librosa.resample's length, which the one-shot decode had: ceil(n * ratio)
     size = math.ceil(n_frames * SAMPLE_RATE / rate)
-    return librosa.util.fix_length(np.concatenate(out), size=size), n_frames
+    return pad_or_trim(np.concatenate(out), size), n_frames
 
 
 def _blocks(sound: sf.SoundFile, channels: int) -> Iterator[np.ndarray]:
@@ -174,16 +174,25 @@ def _first_line(exc: BaseException) -> str:
 def voiced_span(audio: np.ndarray) -> tuple[int, int]:
     """[start, end) sample span left after trimming audio more than TRIM_TOP_DB below the loudest frame.
 
-    librosa.effects.trim's computation (frame RMS in dB relative to the loudest frame), with the RMS taken
-    TRIM_CHUNK_FRAMES frames at a time: the same values without materializing 4 copies of a long signal.
+    librosa.effects.trim's computation (frame RMS in dB relative to the loudest frame), bit for bit, with the
+    RMS taken TRIM_CHUNK_FRAMES frames at a time: the same values without materializing 4 copies of a long
+    signal.
     """
-    db = librosa.amplitude_to_db(_frame_rms(audio), ref=np.max, top_db=None)
+    db = _db_below_peak(_frame_rms(audio))
     voiced = np.flatnonzero(db > -TRIM_TOP_DB)
     if voiced.size == 0:
         return 0, audio.shape[-1]
     start = int(voiced[0]) * TRIM_HOP_LENGTH
     end = min(audio.shape[-1], (int(voiced[-1]) + 1) * TRIM_HOP_LENGTH)
     return (start, end) if end > start else (0, audio.shape[-1])
+
+
+def _db_below_peak(rms: np.ndarray) -> np.ndarray:
+    """librosa.amplitude_to_db(rms, ref=np.max, top_db=None): each frame's level in dB below the loudest."""
+    floor = TRIM_RMS_FLOOR**2
+    db = 10.0 * np.log10(np.maximum(floor, np.square(rms)))
+    db -= 10.0 * np.log10(np.maximum(floor, np.square(rms.max())))
+    return db
 
 
 def _frame_rms(audio: np.ndarray) -> np.ndarray:
@@ -197,8 +206,10 @@ def _frame_rms(audio: np.ndarray) -> np.ndarray:
         lo, hi = first * TRIM_HOP_LENGTH - half, (last - 1) * TRIM_HOP_LENGTH + half
         chunk = audio[max(lo, 0) : min(hi, audio.shape[-1])]
         chunk = np.pad(chunk, (max(-lo, 0), max(hi - audio.shape[-1], 0)))
-        rms[first:last] = librosa.feature.rms(y=chunk, frame_length=TRIM_FRAME_LENGTH, hop_length=TRIM_HOP_LENGTH,
-                                              center=False)[0]
+        # (frame_length, n) with the samples of a frame adjacent, as librosa.util.frame lays them out: the mean
+        # then sums in librosa's order
+        frames = np.lib.stride_tricks.sliding_window_view(chunk, TRIM_FRAME_LENGTH)[::TRIM_HOP_LENGTH].T
+        rms[first:last] = np.sqrt(np.mean(np.square(frames), axis=0))
     return rms
 
 

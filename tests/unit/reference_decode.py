@@ -1,8 +1,10 @@
-"""The decode + feature stage as it was before streaming: the whole file at once. Tests compare against it.
+"""The decode + feature stage as it was first written, with librosa, the whole file at once. Tests compare
+against it.
 
-`ser.audio.decode` now reads, mixes down and resamples block by block and `features.file_features` makes
-log-mels a batch of windows at a time; for every input the streaming path accepts, its features must equal
-these bit for bit, so bundles trained on the one-shot features stay valid.
+`ser.audio.decode` now reads, mixes down and resamples block by block, `features.file_features` makes log-mels
+a batch of windows at a time, and both compute librosa's trimming and log-mel with numpy alone; for every input
+the streaming path accepts, its features must equal these bit for bit, so bundles trained on the one-shot
+features stay valid.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import io
 import librosa
 import numpy as np
 import soundfile as sf
+from threadpoolctl import threadpool_limits
 
 from ser import audio, features
 
@@ -31,10 +34,21 @@ def oneshot_span(mono: np.ndarray) -> tuple[int, int]:
     return (int(start), int(end)) if end > start else (0, mono.shape[-1])
 
 
+def librosa_log_mel_batch(windows: np.ndarray) -> np.ndarray:
+    """`features.log_mel_batch` as it was written with librosa.stft and librosa.filters.mel."""
+    power = np.abs(librosa.stft(windows, n_fft=features.N_FFT, hop_length=features.HOP_LENGTH)) ** 2
+    filters = librosa.filters.mel(sr=audio.SAMPLE_RATE, n_fft=features.N_FFT, n_mels=features.N_MELS)
+    with threadpool_limits(1, user_api="blas"):
+        mel = np.matmul(filters, power)
+    db = 10.0 * np.log10(np.maximum(mel, features.AMIN))
+    db -= db.max(axis=(1, 2), keepdims=True)
+    return np.maximum(db, -features.TOP_DB).astype(np.float32)
+
+
 def oneshot_features(data: bytes | str) -> tuple[np.ndarray, np.ndarray]:
     """(features of all windows in one log_mel_batch call, window starts in s)."""
     mono = oneshot_decode(data)[0]
     begin, end = oneshot_span(mono)
     starts = begin + audio.window_starts(end - begin)
     frames = np.stack([audio.pad_or_trim(mono[s : min(s + audio.N_SAMPLES, end)]) for s in starts])
-    return features.log_mel_batch(frames), starts / audio.SAMPLE_RATE
+    return librosa_log_mel_batch(frames), starts / audio.SAMPLE_RATE

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import subprocess
+import sys
 from pathlib import Path
 
+import librosa
 import numpy as np
 import pandas as pd
 import pytest
@@ -13,6 +16,7 @@ from threadpoolctl import threadpool_limits
 
 from ser import audio, features, pipeline, store, training
 from ser.predict import Predictor
+from unit.reference_decode import librosa_log_mel_batch
 
 # Bundles record this hash; it may only change together with a deliberate change of the feature contract.
 FEATURE_CONFIG_HASH = "c29e8388396be9b4"
@@ -36,6 +40,30 @@ def test_features_shape_dtype_and_range(clip_features):
     assert feats.min() >= -80.0
     np.testing.assert_array_equal(feats.max(axis=(1, 2)), 0.0)  # dB relative to each window's peak
     assert (info.sample_rate, info.channels) == (44100, 2)
+
+
+def test_mel_filters_equal_librosas():
+    expected = librosa.filters.mel(sr=audio.SAMPLE_RATE, n_fft=features.N_FFT, n_mels=features.N_MELS)
+    np.testing.assert_array_equal(features.mel_filters(), expected)
+
+
+@pytest.mark.parametrize("level", [1e-4, 0.05, 1.0, 3e4])
+def test_log_mels_equal_librosas_bit_for_bit(clip, level):
+    """Noise at levels from near-silence to integer scale, a tone, and real decoded windows; batches of 1 and more."""
+    rng = np.random.default_rng(int(level * 1e4))
+    noise = (rng.standard_normal((3, audio.N_SAMPLES)) * level).astype(np.float32)
+    tone = (level * np.sin(np.arange(audio.N_SAMPLES) * 2 * np.pi * 440 / audio.SAMPLE_RATE)).astype(np.float32)
+    decoded, _ = audio.windows(audio.decode(str(clip))[0])
+    for windows in (noise, noise[:1], tone[None], decoded):
+        np.testing.assert_array_equal(features.log_mel_batch(windows), librosa_log_mel_batch(windows))
+
+
+def test_the_feature_stage_imports_neither_librosa_nor_scipy(clip):
+    """Importing librosa's core (scipy.signal, numba) cost every worker ~1.8 s of CPU before its first clip."""
+    script = ("import sys; from ser import features; features.file_features(sys.argv[1]); "
+              "print(sorted(m for m in ('librosa', 'scipy', 'numba') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", script, str(clip)], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
 
 
 def test_batch_equals_one_by_one(clip):
