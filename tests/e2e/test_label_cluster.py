@@ -126,6 +126,9 @@ def two_node_cluster(tmp_path_factory):
     env["RAY_AUTH_MODE"] = "token"  # nodes and CLI calls share the token in ~/.ray (made by the head if missing)
     # the nodes' own S3 credentials, as on a real cluster; the secrets test checks that they stay there
     env |= {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1"}
+    # Drivers (ours and those `ray job submit` starts on the head) hand out files only once both nodes' actors
+    # are up: otherwise whichever starts first labels all 12 tiny files, and the test would measure a race.
+    env["RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S"] = "120"
     for attempt in range(START_ATTEMPTS):
         nodes: list[subprocess.Popen] = []
         temp = tempfile.mkdtemp(prefix="sr", dir="/tmp")  # Ray's session folder; short, for its socket paths
@@ -223,3 +226,4 @@ def test_job_metadata_logs_and_session_keep_credentials_secret(tmp_path, tiny_bu
     assert any(p.name.startswith("job-driver-") for p in session)
     places = {"job api": done.stdout.encode(), **{str(p): p.read_bytes() for p in session}}
     assert not [where for where, data in places.items() if SECRET.encode() in data or ACCESS_KEY.encode() in data]
+
