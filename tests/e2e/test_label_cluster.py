@@ -226,4 +226,3 @@ def test_job_metadata_logs_and_session_keep_credentials_secret(tmp_path, tiny_bu
     assert any(p.name.startswith("job-driver-") for p in session)
     places = {"job api": done.stdout.encode(), **{str(p): p.read_bytes() for p in session}}
     assert not [where for where, data in places.items() if SECRET.encode() in data or ACCESS_KEY.encode() in data]
-
