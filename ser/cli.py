@@ -16,20 +16,23 @@ DEFAULT_DATA = "../shared/data/ravdess"
 RUN_FAILED = 3  # `ser label` exit code: the run stopped part-way (1: some files failed, 2: usage error)
 # TensorFlow's C++ start-up chatter (CUDA probing, CPU features) is noise for a command-line user.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# Imported by Keras at import time, each guarded by `except ImportError`, for features ser never uses (the
+# scikit-learn wrappers, image-gallery plots): 0.6 and 0.4 CPU-s of every TensorFlow import.
+KERAS_OPTIONAL_IMPORTS = ("sklearn", "matplotlib")
 
 
 def import_tensorflow_quietly() -> None:
     """Import TensorFlow with its native start-up lines (written before logging is set up) silenced.
 
-    What it printed is shown after all if the import fails. scikit-learn is kept out of the import: Keras
-    loads it only for its scikit-learn wrappers, which ser does not use, and it is 15-20% of TensorFlow's
-    import, paid by every inference actor before it scores anything. It imports normally afterwards.
+    What it printed is shown after all if the import fails. KERAS_OPTIONAL_IMPORTS are kept out of the import:
+    together they are ~30% of it, paid by every inference actor before it scores anything. They import
+    normally afterwards (the `seed` split, the HTML reports).
     """
     if "tensorflow" in sys.modules:
         return
-    block_sklearn = "sklearn" not in sys.modules
-    if block_sklearn:
-        sys.modules["sklearn"] = None  # makes `import sklearn` raise ImportError, which Keras handles
+    blocked = [name for name in KERAS_OPTIONAL_IMPORTS if name not in sys.modules]
+    for name in blocked:
+        sys.modules[name] = None  # makes `import name` raise ImportError, which Keras handles
     saved = os.dup(2)
     with tempfile.TemporaryFile() as captured:
         os.dup2(captured.fileno(), 2)
@@ -43,8 +46,8 @@ def import_tensorflow_quietly() -> None:
         finally:
             os.dup2(saved, 2)
             os.close(saved)
-            if block_sklearn:
-                del sys.modules["sklearn"]
+            for name in blocked:
+                del sys.modules[name]
 
 
 def _leave_ray() -> None:
