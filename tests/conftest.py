@@ -18,7 +18,7 @@ RAVDESS_DIR = (ROOT / ".." / "shared" / "data" / "ravdess").resolve()
 def make_speechlike(seconds: float, sample_rate: int = 22050, channels: int = 1, seed: int = 0) -> np.ndarray:
     """A voiced, pitch-gliding harmonic signal with a syllable envelope: (samples, channels) float32."""
     rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * sample_rate)) / sample_rate
+    t = np.arange(round(seconds * sample_rate)) / sample_rate  # round: frames / rate * rate may fall just short
     f0 = 120 + 40 * np.sin(2 * np.pi * 0.7 * t + rng.uniform(0, np.pi))
     phase = 2 * np.pi * np.cumsum(f0) / sample_rate
     voice = sum(np.sin(k * phase) / k for k in range(1, 8))
