@@ -625,7 +625,8 @@ def ensemble_bundles(members: list[Path], output: Path, cache_dir: str | None = 
         for key in ("name", "classes", "model_config", "protocol", "split", "test_actors", "data_fingerprint",
                     "n_files", "n_windows", "num_workers")
     }
-    card["run_id"] = "ensemble-" + "+".join(member["run_id"] for member in cards)
+    base_cards = [base for member in cards for base in bundle.ensemble_members(member) or [member]]
+    card["run_id"] = "ensemble-" + "+".join(base["run_id"] for base in base_cards)  # flat, as the members are
     card["train_config"] = config_io.to_dict(config)
     out = combine(members, output, data, card)
     return out, bundle.read_card(out)

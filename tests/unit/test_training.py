@@ -184,6 +184,8 @@ def test_ensemble_training_and_ser_ensemble_agree(tmp_path, feature_cache, gener
     grown, grown_card = training.ensemble_bundles([out, member_dirs[1]], tmp_path / "grown")
     assert [member["seed"] for member in grown_card["ensemble"]["members"]] == [42, 43, 43]
     assert grown_card["train_config"]["ensemble"] == 3
+    grown_members = grown_card["ensemble"]["members"]
+    assert grown_card["run_id"] == "ensemble-" + "+".join(member["run_id"] for member in grown_members)
     assert [member.get("train_config_changes") for member in grown_card["ensemble"]["members"]] == [
         None, None, {"epochs": 2}]
     base = [bundle.load(path).model(x, training=False) for path in member_dirs]
