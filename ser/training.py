@@ -613,8 +613,8 @@ def ensemble_bundles(members: list[Path], output: Path, cache_dir: str | None = 
     """`ser ensemble`: combine bundles trained separately (same protocol and recipe, different seeds)."""
     cards = [bundle.read_card(path) for path in members]
     first = cards[0]
-    base_models = sum(len(bundle.ensemble_members(member)) or 1 for member in cards)
-    values = dict(first["train_config"], ensemble=base_models)
+    base_cards = [base for member in cards for base in bundle.ensemble_members(member) or [member]]  # flattened
+    values = dict(first["train_config"], ensemble=len(base_cards))
     if cache_dir:
         values["cache_dir"] = cache_dir
     config = config_io.build(TrainConfig, values)
@@ -625,8 +625,7 @@ def ensemble_bundles(members: list[Path], output: Path, cache_dir: str | None = 
         for key in ("name", "classes", "model_config", "protocol", "split", "test_actors", "data_fingerprint",
                     "n_files", "n_windows", "num_workers")
     }
-    base_cards = [base for member in cards for base in bundle.ensemble_members(member) or [member]]
-    card["run_id"] = "ensemble-" + "+".join(base["run_id"] for base in base_cards)  # flat, as the members are
+    card["run_id"] = "ensemble-" + "+".join(base["run_id"] for base in base_cards)
     card["train_config"] = config_io.to_dict(config)
     out = combine(members, output, data, card)
     return out, bundle.read_card(out)

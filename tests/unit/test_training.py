@@ -182,11 +182,11 @@ def test_ensemble_training_and_ser_ensemble_agree(tmp_path, feature_cache, gener
     longer["train_config"] = longer["train_config"] | {"epochs": 2}
     bundle.write_card(member_dirs[1], longer)
     grown, grown_card = training.ensemble_bundles([out, member_dirs[1]], tmp_path / "grown")
-    assert [member["seed"] for member in grown_card["ensemble"]["members"]] == [42, 43, 43]
-    assert grown_card["train_config"]["ensemble"] == 3
     grown_members = grown_card["ensemble"]["members"]
+    assert [member["seed"] for member in grown_members] == [42, 43, 43]
+    assert grown_card["train_config"]["ensemble"] == 3
     assert grown_card["run_id"] == "ensemble-" + "+".join(member["run_id"] for member in grown_members)
-    assert [member.get("train_config_changes") for member in grown_card["ensemble"]["members"]] == [
+    assert [member.get("train_config_changes") for member in grown_members] == [
         None, None, {"epochs": 2}]
     base = [bundle.load(path).model(x, training=False) for path in member_dirs]
     np.testing.assert_allclose(bundle.load(grown).model(x, training=False), (base[0] + 2 * base[1]) / 3,
