@@ -332,9 +332,10 @@ def train(config_path, protocol, data_dir, output, num_workers, epochs, seed, ov
     """Train a model with Ray Train over the shared feature stage and write a bundle.
 
     Features are extracted once with Ray Data and cached; each worker runs the original recipe with a
-    custom distributed step; the best epoch on validation is kept and its temperature is fitted on
-    validation. Evaluate the result with `ser evaluate --model OUTPUT`. `--set distill_from=BUNDLE` trains
-    on a teacher's soft targets too (e.g. one model distilled from an ensemble of the same protocol).
+    custom distributed step; the best epoch on validation is kept (`--set keep=last`: the final one) and
+    its temperature is fitted on validation. Evaluate the result with `ser evaluate --model OUTPUT`.
+    `--set distill_from=BUNDLE` trains on a teacher's soft targets too (e.g. one model distilled from an
+    ensemble of the same protocol).
     """
     import_tensorflow_quietly()
     from ser.training import TrainConfig
@@ -364,7 +365,7 @@ def train(config_path, protocol, data_dir, output, num_workers, epochs, seed, ov
 def _echo_trained(out: Path, card: dict, extra: str) -> None:
     val = card["validation"]["after_calibration"]
     members = bundle.ensemble_members(card)
-    chosen = f"ensemble of {len(members)}" if members else f"best epoch {card['best_epoch']}"
+    chosen = f"ensemble of {len(members)}" if members else f"kept epoch {card['best_epoch']}"
     click.echo(f"bundle: {out}")
     click.echo(
         f"{chosen}, validation accuracy {val['accuracy']:.4f}, "

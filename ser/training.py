@@ -65,6 +65,7 @@ class TrainConfig:
     lr_schedule: str = "constant"  # constant, or cosine (decay to 5% over the maximum epochs)
     label_smoothing: float = 0.1
     patience: int = 8
+    keep: str = "best"  # best: the best validation epoch (early stopping); last: the final epoch, no selection
     average_checkpoints: int = 1  # validate, early-stop on and ship the mean weights of the last N epochs
     surprise_weight: float = 1.5
     normalization: str = "global"
@@ -88,6 +89,8 @@ class TrainConfig:
             raise ValueError(f"normalization: expected 'global' or 'per_band', got {self.normalization!r}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule: expected 'constant' or 'cosine', got {self.lr_schedule!r}")
+        if self.keep not in ("best", "last"):
+            raise ValueError(f"keep: expected 'best' or 'last', got {self.keep!r}")
         if self.average_checkpoints < 1:
             raise ValueError(f"average_checkpoints: expected at least 1 epoch, got {self.average_checkpoints}")
         if self.ensemble < 1:
@@ -396,7 +399,9 @@ def train_loop_per_worker(cfg: dict) -> None:
                 f"val acc {record['val_accuracy']:.4f}  val nll {record['val_nll']:.4f}  {seconds:.1f}s",
                 flush=True,
             )
-        if best is None or (scores["accuracy"], -scores["nll"]) > (best["val_accuracy"], -best["val_nll"]):
+        # keep=last leaves validation out of every choice, so the temperature fitted on it is not biased by selection
+        better = best is None or (scores["accuracy"], -scores["nll"]) > (best["val_accuracy"], -best["val_nll"])
+        if better or config.keep == "last":
             best, best_weights, since_best = record, model.get_weights(), 0
         else:
             since_best += 1
