@@ -221,6 +221,22 @@ def test_checkpoint_averaging_validates_and_ships_the_average(tmp_path, feature_
         assert run["validation"]["before_calibration"]["nll"] == pytest.approx(validated, rel=1e-5)
 
 
+def test_keep_last_ships_the_final_epoch_whatever_validation_says(tmp_path, feature_cache, generated_corpus,
+                                                                 local_ray):
+    """keep=last against keep=best on the same seed: the same epochs, but no early stopping (patience 1 would
+    stop the plain run) and the bundle is the final epoch, where the plain run keeps a better-validated one."""
+    common = {"data_dir": str(generated_corpus), "protocol": "actors", "num_workers": 1, "epochs": 3,
+              "learning_rate": 0.01}
+    best = _smoke_train(tmp_path / "best", feature_cache, patience=5, **common)
+    last = _smoke_train(tmp_path / "last", feature_cache, patience=1, keep="last", **common)
+    assert best["best_epoch"] < 3  # the precondition that makes the two runs differ
+    assert last["best_epoch"] == 3
+    for run in (best, last):
+        validated = run["history"][run["best_epoch"] - 1]["val_nll"]
+        assert run["validation"]["before_calibration"]["nll"] == pytest.approx(validated, rel=1e-5)
+    assert [r["val_nll"] for r in last["history"]] == pytest.approx([r["val_nll"] for r in best["history"]], rel=1e-4)
+
+
 def test_speed_perturbed_copies_train_but_never_validate_or_normalize(tmp_path, feature_cache, generated_corpus,
                                                                        local_ray):
     """augment.speeds appends perturbed copies of every file: training epochs draw from them, while the
