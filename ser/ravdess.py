@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -79,15 +80,28 @@ def index(root: str | Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def split(table: pd.DataFrame, protocol: str) -> pd.Series:
-    """'train' / 'validation' / 'test' for each row of an index table under a named protocol."""
+def split(table: pd.DataFrame, protocol: str, validation_actors: Sequence[int] = ACTORS_VALIDATION) -> pd.Series:
+    """'train' / 'validation' / 'test' for each row of an index table under a named protocol.
+
+    `validation_actors` (actors protocol) moves the validation voices, e.g. to a cross-validation fold of 1-16;
+    the test actors never move.
+    """
     if protocol == "seed":
         return _seed_split(table)
     if protocol == "actors":
+        check_validation_actors(validation_actors)
         sides = np.where(table["actor"].isin(ACTORS_TEST), "test", "train")
-        sides = np.where(table["actor"].isin(ACTORS_VALIDATION), "validation", sides)
+        sides = np.where(table["actor"].isin(validation_actors), "validation", sides)
         return pd.Series(sides, index=table.index, name="split")
     raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+
+
+def check_validation_actors(actors: Sequence[int]) -> None:
+    """Refuse validation voices that are empty, unknown, or taken from the test actors."""
+    if not actors or len(set(actors)) != len(actors) or not all(1 <= a <= 24 for a in actors):
+        raise ValueError(f"validation_actors: expected distinct actor numbers 1-24, got {list(actors)}")
+    if set(actors) & set(ACTORS_TEST):
+        raise ValueError(f"validation_actors: {list(actors)} overlaps the test actors {list(ACTORS_TEST)}")
 
 
 def _seed_split(table: pd.DataFrame) -> pd.Series:

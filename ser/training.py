@@ -54,6 +54,7 @@ class TrainConfig:
 
     data_dir: str = "../shared/data/ravdess"
     protocol: str = "actors"
+    validation_actors: tuple[int, ...] = ravdess.ACTORS_VALIDATION  # actors protocol: the held-out validation voices
     output: str = "runs/models/ravdess-{protocol}"
     name: str = "ravdess-{protocol}"
     num_workers: int = 1
@@ -85,6 +86,9 @@ class TrainConfig:
             raise ValueError(f"augment.speeds: expected factors in [0.5, 2] other than 1, got {self.augment.speeds}")
         if self.protocol not in ravdess.PROTOCOLS:
             raise ValueError(f"protocol: unknown {self.protocol!r}; choose one of {', '.join(ravdess.PROTOCOLS)}")
+        ravdess.check_validation_actors(self.validation_actors)
+        if self.protocol != "actors" and self.validation_actors != ravdess.ACTORS_VALIDATION:
+            raise ValueError("validation_actors: only the actors protocol holds out validation voices")
         if self.normalization not in ("global", "per_band"):
             raise ValueError(f"normalization: expected 'global' or 'per_band', got {self.normalization!r}")
         if self.lr_schedule not in ("constant", "cosine"):
@@ -429,7 +433,7 @@ def prepare(config: TrainConfig) -> tuple[pd.DataFrame, FeatureSet]:
     """Index the data, split it under the protocol, and extract (or load cached) features, the
     speed-perturbed copies of `augment.speeds` appended after the original windows."""
     table = ravdess.index(config.data_dir)
-    table["split"] = ravdess.split(table, config.protocol)
+    table["split"] = ravdess.split(table, config.protocol, config.validation_actors)
     if config.max_files:  # a small, deterministic subset for smoke tests
         per_side = max(1, config.max_files // 3)
         parts = [part.sample(min(len(part), per_side), random_state=config.seed) for _, part in table.groupby("split")]
@@ -536,6 +540,7 @@ def train(config: TrainConfig, address: str | None = None) -> tuple[Path, dict]:
         "protocol": config.protocol,
         "split": {side: int((sides == side).sum()) for side in ("train", "validation", "test")},
         "test_actors": sorted(ravdess.ACTORS_TEST) if config.protocol == "actors" else None,
+        "validation_actors": sorted(config.validation_actors) if config.protocol == "actors" else None,
         "data_fingerprint": fingerprint,
         "n_files": len(table),
         "n_windows": int(feature_set.original().sum()),
@@ -630,6 +635,7 @@ def ensemble_bundles(members: list[Path], output: Path, cache_dir: str | None = 
         for key in ("name", "classes", "model_config", "protocol", "split", "test_actors", "data_fingerprint",
                     "n_files", "n_windows", "num_workers")
     }
+    card["validation_actors"] = sorted(config.validation_actors) if config.protocol == "actors" else None
     card["run_id"] = "ensemble-" + "+".join(base["run_id"] for base in base_cards)
     card["train_config"] = config_io.to_dict(config)
     out = combine(members, output, data, card)
