@@ -67,7 +67,7 @@ class Bundle:
 
     @property
     def temperature(self) -> float:
-        return float(self.card.get("calibration", {}).get("temperature", 1.0))
+        return card_temperature(self.card)
 
 
 def save(path: str | Path, model, mean: np.ndarray, std: np.ndarray, card: dict) -> Path:
@@ -97,6 +97,11 @@ def write_card(path: str | Path, card: dict) -> None:
     tmp = target.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(card, indent=2, sort_keys=False) + "\n")
     os.replace(tmp, target)
+
+
+def card_temperature(card: dict) -> float:
+    """The temperature dividing the model's logits (1 for a bundle without calibration)."""
+    return float(card.get("calibration", {}).get("temperature", 1.0))
 
 
 def ensemble_members(card: dict) -> list[dict]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from scipy.optimize import minimize_scalar
 
@@ -11,9 +13,9 @@ ECE_BINS = 15
 TEMPERATURE_BOUNDS = (0.05, 20.0)
 
 
-def nll(probs: np.ndarray, labels: np.ndarray) -> float:
-    """Mean negative log-likelihood of the true class."""
-    return float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)).mean())
+def nll(probs: np.ndarray, labels: np.ndarray, weights: np.ndarray | None = None) -> float:
+    """Mean (optionally weighted) negative log-likelihood of the true class."""
+    return float(np.average(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)), weights=weights))
 
 
 def file_probabilities(
@@ -23,12 +25,34 @@ def file_probabilities(
     return mean_by_file(softmax(window_logits, temperature), file_index, n_files)
 
 
+@dataclass(frozen=True)
+class HeldOut:
+    """Window logits of files a model never trained on, the file (0..n-1) owning each window, the files'
+    labels, and the weight of each file in a pooled fit."""
+
+    window_logits: np.ndarray
+    file_index: np.ndarray
+    labels: np.ndarray
+    weight: float = 1.0
+
+    def probabilities(self, temperature: float) -> np.ndarray:
+        return file_probabilities(self.window_logits, self.file_index, len(self.labels), temperature)
+
+
 def fit_temperature(window_logits: np.ndarray, file_index: np.ndarray, labels: np.ndarray) -> float:
     """The temperature minimizing file-level NLL on held-out (validation) data."""
-    n_files = len(labels)
+    return fit_pooled_temperature([HeldOut(window_logits, file_index, labels)])
+
+
+def fit_pooled_temperature(held_out: list[HeldOut]) -> float:
+    """One temperature minimizing the weighted mean file NLL over several held-out sets (e.g. voice folds,
+    each scored by the models that never heard it)."""
+    weights = np.concatenate([np.full(len(h.labels), h.weight) for h in held_out])
+    labels = np.concatenate([h.labels for h in held_out])
 
     def loss(log_t: float) -> float:
-        return nll(file_probabilities(window_logits, file_index, n_files, float(np.exp(log_t))), labels)
+        probs = np.concatenate([h.probabilities(float(np.exp(log_t))) for h in held_out])
+        return nll(probs, labels, weights)
 
     low, high = np.log(TEMPERATURE_BOUNDS)
     result = minimize_scalar(loss, bounds=(low, high), method="bounded", options={"xatol": 1e-4})
@@ -60,12 +84,16 @@ def reliability(probs: np.ndarray, labels: np.ndarray, n_bins: int = ECE_BINS) -
     return rows
 
 
-def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: int = ECE_BINS) -> float:
-    """ECE: the gap |accuracy - confidence| of each bin, weighted by the share of samples in it."""
-    return float(
-        sum(r["count"] * abs(r["accuracy"] - r["confidence"]) for r in reliability(probs, labels, n_bins) if r["count"])
-        / max(len(labels), 1)
-    )
+def expected_calibration_error(
+    probs: np.ndarray, labels: np.ndarray, n_bins: int = ECE_BINS, weights: np.ndarray | None = None
+) -> float:
+    """ECE: the gap |accuracy - confidence| of each bin, weighted by the share of samples (or of the sample
+    weights) in it."""
+    confidence = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == labels
+    weights = np.ones(len(labels)) if weights is None else np.asarray(weights, dtype=np.float64)
+    gaps = np.bincount(confidence_bin(confidence, n_bins), weights=weights * (confidence - correct), minlength=n_bins)
+    return float(np.abs(gaps).sum() / max(weights.sum(), 1e-12))
 
 
 def ece_rows(confidence: np.ndarray, correct: np.ndarray, n_bins: int = ECE_BINS) -> np.ndarray:

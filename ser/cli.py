@@ -397,6 +397,53 @@ def ensemble(members: tuple[Path, ...], output: Path, cache_dir: str | None) -> 
 
 
 @main.command()
+@click.argument("model", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--cross-fit", "folds", multiple=True, required=True,
+              type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="A bundle of MODEL's recipe trained with other validation_actors (repeat, one per fold).")
+@click.option("--output", "-o", default=None, type=click.Path(path_type=Path),
+              help="Write the recalibrated copy here [default: update MODEL's model.json in place].")
+@click.option("--cache-dir", default=None, help="Feature cache [default: the bundles' training cache_dir].")
+@click.option("--json", "as_json", is_flag=True, help="Print the calibration entry of model.json as JSON.")
+def calibrate(model: Path, folds: tuple[Path, ...], output: Path | None, cache_dir: str | None,
+              as_json: bool) -> None:
+    """Refit MODEL's temperature over more held-out voices than its validation actors (actors protocol).
+
+    Each --cross-fit bundle is one model of MODEL's recipe trained with `validation_actors` set to another
+    fold of actors 1-20 (e.g. `ser train --set "validation_actors=[1,2,3,4]"`), so every fold's files are
+    scored by a model that never heard those voices. One temperature is fitted for single models over all
+    folds (T_all) and over MODEL's validation actors alone (T_val); MODEL's validation temperature is
+    multiplied by T_all / T_val. model.json records every figure, and a check with each fold held out in
+    turn: NLL and ECE at one other fold's temperature against the temperature pooled over all other folds.
+    The weights do not change; predict, label and evaluate apply the new temperature.
+    """
+    import_tensorflow_quietly()
+    from ser.training import calibrate_bundle
+
+    if output is not None and output.exists():
+        _fail(f"{output}: already exists; choose a new folder or leave --output out to update {model} in place")
+    try:
+        out, card = calibrate_bundle(model, list(folds), output, cache_dir)
+    except (bundle.BundleError, FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    entry = card["calibration"]
+    if as_json:
+        click.echo(json.dumps(entry, indent=2))
+        return
+    fit, check = entry["cross_fit"], entry["cross_fit"]["held_out_check"]
+    click.echo(f"bundle: {out}")
+    for fold in fit["folds"]:
+        click.echo(f"  actors {fold['validation_actors']}: {fold['files']} files, accuracy {fold['accuracy']:.3f}, "
+                   f"single-model temperature {fold['single_model_temperature']:.3f}  ({fold['bundle']})")
+    click.echo(f"single-model temperature: {fit['single_model_temperature_all_folds']:.3f} over all folds, "
+               f"{fit['single_model_temperature_validation_fold']:.3f} over the validation actors")
+    click.echo(f"temperature: {entry['validation_temperature']:.3f} x {fit['factor']:.3f} = {entry['temperature']:.3f}")
+    for name, label in (("one_fold_temperature", "one other fold's T"), ("other_folds_temperature", "pooled T")):
+        click.echo(f"held out in turn at {label}: NLL {check[name]['nll']:.4f}, ECE {check[name]['ece']:.4f}")
+    click.echo(f"next: ser evaluate --model {out} --protocol actors")
+
+
+@main.command()
 @click.argument("input_spec", metavar="INPUT", required=False)
 @click.option("--output", "-o", default=None, help="Output folder or s3://bucket/prefix (Hive-partitioned Parquet).")
 @click.option(

@@ -539,6 +539,7 @@ class Committer:
             "feature_config_hash": manifest["feature_config_hash"],
             "model_name": manifest["model"]["name"],
             "model_sha256": manifest["model"]["sha256"],
+            "temperature": manifest["model"]["temperature"],
         }
         self.pending: list[tuple[pa.Table, list, list]] = []
         self.rows = 0
@@ -646,7 +647,8 @@ def _manifest(cfg: LabelConfig, card: dict, model_path: Path, run_id: str) -> di
         "output": store.redact(cfg.output),
         "driver": {"host": socket.gethostname(), "pid": os.getpid()},
         "recovered": [],
-        "model": {"name": card["name"], "sha256": card["files"][bundle.MODEL_FILE], "path": str(model_path)},
+        "model": {"name": card["name"], "sha256": card["files"][bundle.MODEL_FILE],
+                  "temperature": bundle.card_temperature(card), "path": str(model_path)},
         "feature_config_hash": features.feature_config_hash(),
         "config": store.redact(config_io.to_dict(cfg)),
         "counts": {"listed": 0, "skipped": 0, "to_label": 0, "ok": 0, "error": 0},
@@ -680,7 +682,8 @@ def run(cfg: LabelConfig, address: str | None = None) -> dict:
                              suffixes=cfg.suffixes, root=cfg.root, what=f"listing {store.redact(cfg.input)}")
     manifest = _manifest(cfg, card, model_path, new_run_id())
     manifest["recovered"] = recover(out, manifest["run_id"])
-    done = set() if cfg.force else out.committed_keys(manifest["model"]["sha256"], manifest["feature_config_hash"],
+    done = set() if cfg.force else out.committed_keys(manifest["model"]["sha256"], manifest["model"]["temperature"],
+                                                       manifest["feature_config_hash"],
                                                        ok_only=cfg.retry_errors)
     todo = [i for i, row in enumerate(listing) if store.key_of(row) not in done]
     manifest["counts"] |= {"listed": len(listing), "skipped": len(listing) - len(todo), "to_label": len(todo)}

@@ -44,9 +44,9 @@ STAGING_DIR = "_staging"
 RUNS_DIR = "_runs"
 SEGMENTS_DIR = "_segments"
 S3_SCHEME = "s3://"
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"  # 2: the temperature column
 PROB_COLUMNS = tuple(f"prob_{name}" for name in EMOTIONS)
-SKIP_KEY = ("path", "size_bytes", "mtime")  # with the model hash and feature hash: "already labeled"
+SKIP_KEY = ("path", "size_bytes", "mtime")  # with the model hash, temperature and feature hash: "already labeled"
 REDACTED = "***"
 _SECRET_KEY = re.compile(r"secret|password|passwd|token|credential|access_key|private", re.IGNORECASE)
 # Storage operations are retried on transient errors (connection refused or reset, 5xx, throttling) with
@@ -91,6 +91,8 @@ SCHEMA = pa.schema(
         _field("error", pa.string(), "one-line reason when status is error"),
         _field("model_name", pa.string(), "model bundle name", nullable=False),
         _field("model_sha256", pa.string(), "sha256 of the bundle's model.keras", nullable=False),
+        _field("temperature", pa.float64(), "the bundle's calibration temperature dividing the logits (model.json); "
+               "null in rows written before schema version 2"),
         _field("feature_config_hash", pa.string(), "hash of the feature stage settings", nullable=False),
         _field("run_id", pa.string(), "the run that wrote the row (manifest in _runs/<run_id>.json)", nullable=False),
         _field("processed_at", UTC_US, "when the row was committed", nullable=False),
@@ -212,7 +214,7 @@ def file_table(listing: list[dict], result: dict[str, np.ndarray], run: dict) ->
 
     `result` holds per-file arrays: row (index into listing), etag, error ('' when ok), duration_s,
     sample_rate, channels, n_windows, processing_s, probs (n, 8, NaN on error). `run` holds model_name, model_sha256,
-    feature_config_hash, run_id and processed_at.
+    temperature, feature_config_hash, run_id and processed_at.
     """
     rows = [listing[i] for i in result["row"]]
     probs = np.asarray(result["probs"], dtype=np.float64).reshape(len(rows), len(EMOTIONS))
@@ -233,7 +235,8 @@ def file_table(listing: list[dict], result: dict[str, np.ndarray], run: dict) ->
         "processing_s": result["processing_s"],
         "status": ["ok" if good else "error" for good in ok],
         "error": _null_if(result["error"], ""),
-        **{k: [run[k]] * len(rows) for k in ("model_name", "model_sha256", "feature_config_hash", "run_id")},
+        **{k: [run[k]] * len(rows) for k in ("model_name", "model_sha256", "temperature", "feature_config_hash",
+                                              "run_id")},
         "processed_at": [run["processed_at"]] * len(rows),
     }
     return pa.table(columns, schema=SCHEMA)
@@ -342,15 +345,19 @@ class Store:
                             schema=schema.append(pa.field(PARTITION, pa.string())))
         return data if data.files else None
 
-    def committed_keys(self, model_sha256: str, feature_hash: str, ok_only: bool = False) -> set[tuple]:
-        """(path, size_bytes, mtime) of the rows committed with this model and feature stage.
+    def committed_keys(self, model_sha256: str, temperature: float, feature_hash: str,
+                       ok_only: bool = False) -> set[tuple]:
+        """(path, size_bytes, mtime) of the rows committed with this model, temperature and feature stage.
 
-        Rows of inputs that storage failures kept from being read do not count: those are tried again.
+        A recalibrated bundle (`ser calibrate`: same weights, another temperature) gives other probabilities, so
+        its files are labeled again. Rows of inputs that storage failures kept from being read do not count:
+        those are tried again.
         """
         data = self.dataset()
         if data is None:
             return set()
         same = (pads.field("model_sha256") == model_sha256) & (pads.field("feature_config_hash") == feature_hash)
+        same &= pads.field("temperature") == temperature
         error = pads.field("status") == "error"
         same &= ~(error & pc.match_substring(pads.field("error"), GAVE_UP))
         if ok_only:

@@ -640,3 +640,120 @@ def ensemble_bundles(members: list[Path], output: Path, cache_dir: str | None = 
     card["train_config"] = config_io.to_dict(config)
     out = combine(members, output, data, card)
     return out, bundle.read_card(out)
+
+
+# ---------------------------------------------------------------- a temperature cross-fitted over voice folds
+
+
+def _held_out(loaded: bundle.Bundle, cache_dir: str | None) -> tuple[TrainConfig, list[calibration.HeldOut], object]:
+    """A bundle's recipe, its validation files scored by each of its base models (weights summing to 1, so
+    each fold of voices counts once however many models hold it out), and scored by the bundle itself."""
+    values = dict(loaded.card["train_config"], **({"cache_dir": cache_dir} if cache_dir else {}))
+    config = config_io.build(TrainConfig, values)
+    table, feature_set = prepare(config)
+    data = training_data(config, table, feature_set)
+    windows, owner, labels = validation_view(data)
+    feats = data["features"][windows]
+    models = [model for model, _ in _base_members(loaded)]
+    members = [
+        calibration.HeldOut(_window_logits(model, feats, loaded.mean, loaded.std), owner, labels, 1 / len(models))
+        for model in models
+    ]
+    itself = calibration.HeldOut(_window_logits(loaded.model, feats, loaded.mean, loaded.std), owner, labels)
+    return config, members, itself
+
+
+def _pooled_scores(pairs: list[tuple[calibration.HeldOut, float]]) -> dict:
+    """File NLL and ECE over held-out sets, each scored at its own temperature, pooled with the sets' weights."""
+    probs = np.concatenate([held.probabilities(t) for held, t in pairs])
+    labels = np.concatenate([held.labels for held, _ in pairs])
+    weights = np.concatenate([np.full(len(held.labels), held.weight) for held, _ in pairs])
+    return {"nll": calibration.nll(probs, labels, weights),
+            "ece": calibration.expected_calibration_error(probs, labels, weights=weights)}
+
+
+def held_out_check(folds: list[list[calibration.HeldOut]]) -> dict:
+    """Each fold of voices held out in turn: scored at the temperature of one other fold (today's practice,
+    over every other fold) and at the temperature pooled over all the other folds."""
+    one, others = [], []
+    for j, fold in enumerate(folds):
+        rest = [held for i, other in enumerate(folds) if i != j for held in other]
+        pooled = calibration.fit_pooled_temperature(rest)
+        others += [(held, pooled) for held in fold]
+        for i, other in enumerate(folds):
+            if i != j:
+                one += [(held, calibration.fit_pooled_temperature(other)) for held in fold]
+    return {"one_fold_temperature": _pooled_scores(one), "other_folds_temperature": _pooled_scores(others)}
+
+
+def cross_fit(target: Path, folds: list[Path], cache_dir: str | None = None) -> dict:
+    """The card entries of `ser calibrate --cross-fit`: the target's validation temperature T_B times
+    T_all / T_val, where T_all is one temperature for single models over every fold of held-out voices (the
+    target's members on its validation actors, each fold bundle on its own) and T_val the same over the
+    target's validation actors alone."""
+    loaded = bundle.load(target)
+    config, members, itself = _held_out(loaded, cache_dir)
+    if config.protocol != "actors":
+        raise bundle.BundleError(f"{target}: cross-fitting holds out voices; it needs an actors-protocol bundle")
+    folds_seen = [(config.validation_actors, {"bundle": str(target), "run_id": loaded.card["run_id"],
+                                              "model_sha256": loaded.sha256}, members)]
+    for path in folds:
+        fold = bundle.load(path)
+        fold_config, fold_members, _ = _held_out(fold, cache_dir)
+        changes = _recipe_changes(config_io.to_dict(fold_config), loaded.card["train_config"])
+        changes.pop("validation_actors", None)
+        changes.pop("name", None)
+        if fold.card["data_fingerprint"] != loaded.card["data_fingerprint"] or changes:
+            raise bundle.BundleError(f"{path}: not the target's recipe on the same data (differs in "
+                                     f"{sorted(changes) or 'data_fingerprint'}); a fold must differ only in its voices")
+        if any(set(actors) & set(fold_config.validation_actors) for actors, _, _ in folds_seen):
+            raise bundle.BundleError(f"{path}: validation actors {list(fold_config.validation_actors)} are held "
+                                     "out by another bundle already; folds must not overlap")
+        entry = {"bundle": str(path), "run_id": fold.card["run_id"], "model_sha256": fold.sha256}
+        folds_seen.append((fold_config.validation_actors, entry, fold_members))
+    groups = [group for _, _, group in folds_seen]
+    t_bundle = calibration.fit_temperature(itself.window_logits, itself.file_index, itself.labels)
+    t_all = calibration.fit_pooled_temperature([held for group in groups for held in group])
+    t_val = calibration.fit_pooled_temperature(members)
+    temperature = float(np.clip(t_bundle * t_all / t_val, *calibration.TEMPERATURE_BOUNDS))
+    fold_rows = [
+        {
+            "validation_actors": sorted(actors),
+            **entry,
+            "files": len(group[0].labels),
+            "accuracy": float(np.mean([(h.probabilities(1.0).argmax(1) == h.labels).mean() for h in group])),
+            "single_model_temperature": calibration.fit_pooled_temperature(group),
+        }
+        for actors, entry, group in folds_seen
+    ]
+    validation = dict(loaded.card.get("validation", {}))
+    validation["after_cross_fit"] = _file_scores(itself.window_logits, itself.file_index, itself.labels, temperature)
+    return {
+        "validation": validation,
+        "calibration": {
+            "method": "temperature",
+            "temperature": temperature,
+            "fit_on": f"validation, cross-fitted over {len(groups)} folds of held-out actors",
+            "validation_temperature": t_bundle,
+            "cross_fit": {
+                "factor": t_all / t_val,
+                "single_model_temperature_all_folds": t_all,
+                "single_model_temperature_validation_fold": t_val,
+                "folds": fold_rows,
+                "held_out_check": held_out_check(groups),
+            },
+        },
+    }
+
+
+def calibrate_bundle(target: Path, folds: list[Path], output: Path | None = None,
+                     cache_dir: str | None = None) -> tuple[Path, dict]:
+    """`ser calibrate`: write the cross-fitted temperature into `output`'s model.json (a copy of the target's
+    bundle; the target itself when no output is given). The weights do not change."""
+    entries = cross_fit(target, folds, cache_dir)
+    output = Path(output or target)
+    if output.resolve() != Path(target).resolve():
+        shutil.copytree(target, output, dirs_exist_ok=False)
+    card = bundle.read_card(output) | entries
+    bundle.write_card(output, card)
+    return output, card

@@ -161,9 +161,9 @@ def test_rows_that_storage_kept_from_being_read_are_labeled_again(tmp_path):
     result = {"row": np.arange(3), "etag": [""] * 3, "error": errors, "duration_s": [1.0] * 3,
               "sample_rate": [22050] * 3, "channels": [1] * 3, "n_windows": [1] * 3, "processing_s": [0.1] * 3,
               "probs": np.full((3, 8), 1 / 8)}
-    run = {"model_name": "m", "model_sha256": "h", "feature_config_hash": "f", "run_id": "r",
+    run = {"model_name": "m", "model_sha256": "h", "temperature": 0.7, "feature_config_hash": "f", "run_id": "r",
            "processed_at": store.now()}
     out = store.Store(str(tmp_path / "out"), store.S3Options())
     out.commit(store.file_table(listing, result, run), "r", "2024-01-01", 0)
-    assert out.committed_keys("h", "f") == {store.key_of(listing[0]), store.key_of(listing[1])}
-    assert out.committed_keys("h", "f", ok_only=True) == {store.key_of(listing[0])}
+    assert out.committed_keys("h", 0.7, "f") == {store.key_of(listing[0]), store.key_of(listing[1])}
+    assert out.committed_keys("h", 0.7, "f", ok_only=True) == {store.key_of(listing[0])}

@@ -99,6 +99,7 @@ def test_file_facts_and_provenance(labeled, tiny_bundle):
     assert frame["etag"].isna().all()  # local files have none
     card = json.loads((tiny_bundle / "model.json").read_text())
     assert set(frame["model_sha256"]) == {card["files"]["model.keras"]} and set(frame["model_name"]) == {"tiny-test"}
+    assert set(frame["temperature"]) == {card["calibration"]["temperature"]}
     assert set(frame["feature_config_hash"]) == {features.feature_config_hash()}
     assert set(frame["run_date"].astype(str)) == {labeled.manifest["run_date"]}
     parts = list(labeled.out.glob("run_date=*/part-*.parquet"))

@@ -60,6 +60,7 @@ def _row(path: str, run_id: str, at: dt.datetime, rng: np.random.Generator) -> d
         "error": ERRORS.get(path),
         "model_name": "ravdess-actors",
         "model_sha256": "0" * 64,
+        "temperature": 0.7,
         "feature_config_hash": "abcdef0123456789",
         "run_id": run_id,
         "processed_at": at + dt.timedelta(seconds=float(rng.uniform(1, 60))),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from conftest import write_ravdess_like
@@ -56,6 +58,48 @@ def test_file_probabilities_average_windows_per_file():
     got = calibration.file_probabilities(logits, np.array([0, 0, 1]), 2, temperature=2.0)
     window = np.exp(logits / 2.0) / np.exp(logits / 2.0).sum(axis=1, keepdims=True)
     np.testing.assert_allclose(got, [window[:2].mean(axis=0), window[2]], rtol=1e-15)
+
+
+def test_weighted_ece_and_nll_equal_repeating_samples(calibrated):
+    logits, labels = calibrated
+    probs, n = softmax(2.0 * logits[:600]), 600
+    weights = np.arange(n) % 3 + 1
+    repeated = np.repeat(np.arange(n), weights)
+    assert calibration.expected_calibration_error(probs, labels[:n], weights=weights) == pytest.approx(
+        calibration.expected_calibration_error(probs[repeated], labels[repeated]), rel=1e-12)
+    assert calibration.nll(probs, labels[:n], weights) == pytest.approx(
+        calibration.nll(probs[repeated], labels[repeated]), rel=1e-12)
+    assert calibration.expected_calibration_error(probs, labels[:n], weights=np.full(n, 0.25)) == pytest.approx(
+        calibration.expected_calibration_error(probs, labels[:n]), rel=1e-12)
+
+
+def test_pooled_temperature_weighs_each_held_out_set(calibrated):
+    logits, labels = calibrated
+    half = N // 2
+    sharp = calibration.HeldOut(3.0 * logits[:half], np.arange(half), labels[:half])  # needs T = 3
+    soft = calibration.HeldOut(0.5 * logits[half:], np.arange(N - half), labels[half:])  # needs T = 0.5
+    alone = [calibration.fit_pooled_temperature([h]) for h in (sharp, soft)]
+    assert alone == [pytest.approx(3.0, rel=0.05), pytest.approx(0.5, rel=0.05)]
+    assert alone[0] == calibration.fit_temperature(sharp.window_logits, sharp.file_index, sharp.labels)
+    even = calibration.fit_pooled_temperature([sharp, soft])
+    leaning = calibration.fit_pooled_temperature([sharp, dataclasses.replace(soft, weight=4.0)])
+    assert alone[1] < leaning < even < alone[0]
+
+
+def test_held_out_check_prefers_a_temperature_pooled_over_more_folds():
+    """Five folds of one model class whose true temperature is 2: a temperature fitted on one small fold
+    scatters around 2, the one pooled over four folds less, so held-out NLL is lower with the pooled one."""
+    from ser.training import held_out_check
+
+    rng = np.random.default_rng(3)
+    folds = []
+    for _ in range(5):
+        logits = rng.normal(0.0, 1.5, (60, 8))
+        labels = (softmax(logits).cumsum(axis=1) > rng.random((60, 1))).argmax(axis=1)
+        folds.append([calibration.HeldOut(2.0 * logits, np.arange(60), labels)])
+    check = held_out_check(folds)
+    assert check["other_folds_temperature"]["nll"] < check["one_fold_temperature"]["nll"]
+    assert 0.0 < check["other_folds_temperature"]["ece"] < 1.0
 
 
 # ---------------------------------------------------------------- one temperature, every path

@@ -63,9 +63,18 @@ def test_file_then_overrides_then_keywords(tmp_path):
     assert cfg.model.lstm_units == 64 and cfg.model.conv_filters == TrainConfig().model.conv_filters
 
 
-def test_values_are_still_validated_by_the_config(tmp_path):
-    with pytest.raises(ValueError, match="protocol: unknown 'random'"):
-        _load(tmp_path, overrides=["protocol=random"])
+@pytest.mark.parametrize("overrides, message", [
+    (["protocol=random"], "protocol: unknown 'random'"),
+    (["validation_actors=[20, 21]"], "overlaps the test actors"),
+    (["protocol=seed", "validation_actors=[1, 2]"], "only the actors protocol"),
+])
+def test_values_are_still_validated_by_the_config(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        _load(tmp_path, overrides=overrides)
+
+
+def test_validation_actors_override_is_a_tuple_of_actors(tmp_path):
+    assert _load(tmp_path, overrides=["validation_actors=[1, 2, 3, 4]"]).validation_actors == (1, 2, 3, 4)
 
 
 @pytest.mark.parametrize("overrides", [(), ("epochs=2", "augment.noise_std=0.3", "model.conv_filters=[4, 8]")])

@@ -146,6 +146,21 @@ def test_actors_protocol_holds_out_actors(table):
     assert sorted(actors["train"]) == list(range(1, 17))
 
 
+def test_actors_protocol_moves_validation_to_another_fold_never_the_test(table):
+    sides = ravdess.split(table, "actors", validation_actors=(1, 2, 3, 4))
+    actors = table.assign(side=sides).groupby("side")["actor"].unique()
+    assert sorted(actors["validation"]) == [1, 2, 3, 4]
+    assert sorted(actors["test"]) == [21, 22, 23, 24]
+    assert sorted(actors["train"]) == list(range(5, 21))
+
+
+@pytest.mark.parametrize("actors, message", [((20, 21), "overlaps the test actors"), ((), "expected distinct"),
+                                             ((3, 3), "expected distinct"), ((0, 1), "expected distinct")])
+def test_validation_actors_are_checked(table, actors, message):
+    with pytest.raises(ValueError, match=message):
+        ravdess.split(table, "actors", validation_actors=actors)
+
+
 # ---------------------------------------------------------------- the real corpus
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import shutil
 
 import numpy as np
 import pytest
@@ -201,6 +203,54 @@ def test_ensemble_training_and_ser_ensemble_agree(tmp_path, feature_cache, gener
         else:
             with pytest.raises(bundle.BundleError, match="other data or statistics"):
                 training.combine(member_dirs, tmp_path / "shifted", shifted, grown_card)
+
+
+def test_calibrate_cross_fits_the_temperature_over_voice_folds(tmp_path, feature_cache, generated_corpus,
+                                                                local_ray):
+    """A target (validation actors 17-20) and a fold model of its recipe holding out actors 1-4: `ser calibrate`
+    pools one single-model temperature over both folds, scales the target's by T_all / T_val, and leaves the
+    weights alone; overlapping folds and other recipes are refused."""
+    from click.testing import CliRunner
+
+    from ser.cli import main
+
+    common = {"data_dir": str(generated_corpus), "protocol": "actors", "num_workers": 1, "epochs": 2,
+              "keep": "last", "learning_rate": 0.01}
+    target = _smoke_train(tmp_path / "target", feature_cache, **common)
+    fold = _smoke_train(tmp_path / "fold", feature_cache, seed=43, validation_actors=(1, 2, 3, 4), **common)
+    assert fold["split"] == target["split"] == {"train": 16, "validation": 4, "test": 4}
+    assert (target["validation_actors"], fold["validation_actors"]) == ([17, 18, 19, 20], [1, 2, 3, 4])
+    paths = {name: tmp_path / name / "bundle" for name in ("target", "fold")} | {
+        name: tmp_path / name for name in ("overlap", "other")}
+
+    def calibrate(*args):
+        return CliRunner().invoke(main, ["calibrate", str(paths["target"]), *map(str, args)], catch_exceptions=False)
+
+    result = calibrate("--cross-fit", paths["fold"], "--output", tmp_path / "calibrated", "--json")
+    assert result.exit_code == 0, result.output
+    entry = json.loads(result.output)
+    fit = entry["cross_fit"]
+    assert [row["validation_actors"] for row in fit["folds"]] == [[17, 18, 19, 20], [1, 2, 3, 4]]
+    assert entry["validation_temperature"] == pytest.approx(target["calibration"]["temperature"], rel=1e-3)
+    assert fit["single_model_temperature_validation_fold"] == fit["folds"][0]["single_model_temperature"]
+    fold_temperatures = sorted(row["single_model_temperature"] for row in fit["folds"])
+    assert fold_temperatures[0] != pytest.approx(fold_temperatures[1], rel=1e-2)  # what makes the factor move
+    assert fold_temperatures[0] < fit["single_model_temperature_all_folds"] < fold_temperatures[1]
+    assert entry["temperature"] == pytest.approx(entry["validation_temperature"] * fit["factor"], rel=1e-9)
+    assert set(fit["held_out_check"]) == {"one_fold_temperature", "other_folds_temperature"}
+    calibrated = bundle.load(tmp_path / "calibrated")
+    assert calibrated.temperature == entry["temperature"] and calibrated.card["calibration"] == entry
+    assert calibrated.sha256 == bundle.load(paths["target"]).sha256  # the same weights
+    assert bundle.read_card(paths["target"])["calibration"] == target["calibration"]  # the original is untouched
+
+    for name, change in (("overlap", {"validation_actors": [4, 5, 6, 7]}), ("other", {"learning_rate": 0.1})):
+        shutil.copytree(paths["fold"], paths[name])  # what cross-fitting reads of a fold is its card's recipe
+        card = bundle.read_card(paths[name])
+        bundle.write_card(paths[name], card | {"train_config": card["train_config"] | change})
+    result = calibrate("--cross-fit", paths["fold"], "--cross-fit", paths["overlap"])
+    assert result.exit_code == 2 and "folds must not overlap" in result.stderr
+    result = calibrate("--cross-fit", paths["other"])
+    assert result.exit_code == 2 and "differs in ['learning_rate']" in result.stderr
 
 
 def test_checkpoint_averaging_validates_and_ships_the_average(tmp_path, feature_cache, generated_corpus,
