@@ -654,12 +654,9 @@ def _held_out(loaded: bundle.Bundle, cache_dir: str | None) -> tuple[TrainConfig
     data = training_data(config, table, feature_set)
     windows, owner, labels = validation_view(data)
     feats = data["features"][windows]
-    models = [model for model, _ in _base_members(loaded)]
-    members = [
-        calibration.HeldOut(_window_logits(model, feats, loaded.mean, loaded.std), owner, labels, 1 / len(models))
-        for model in models
-    ]
-    itself = calibration.HeldOut(_window_logits(loaded.model, feats, loaded.mean, loaded.std), owner, labels)
+    logits = [_window_logits(model, feats, loaded.mean, loaded.std) for model, _ in _base_members(loaded)]
+    members = [calibration.HeldOut(member, owner, labels, 1 / len(logits)) for member in logits]
+    itself = calibration.HeldOut(np.mean(logits, axis=0), owner, labels)  # what the ensemble's Average layer does
     return config, members, itself
 
 
