@@ -672,14 +672,13 @@ def _pooled_scores(pairs: list[tuple[calibration.HeldOut, float]]) -> dict:
 def held_out_check(folds: list[list[calibration.HeldOut]]) -> dict:
     """Each fold of voices held out in turn: scored at the temperature of one other fold (today's practice,
     over every other fold) and at the temperature pooled over all the other folds."""
+    alone = [calibration.fit_pooled_temperature(fold) for fold in folds]
     one, others = [], []
     for j, fold in enumerate(folds):
         rest = [held for i, other in enumerate(folds) if i != j for held in other]
         pooled = calibration.fit_pooled_temperature(rest)
         others += [(held, pooled) for held in fold]
-        for i, other in enumerate(folds):
-            if i != j:
-                one += [(held, calibration.fit_pooled_temperature(other)) for held in fold]
+        one += [(held, alone[i]) for i in range(len(folds)) if i != j for held in fold]
     return {"one_fold_temperature": _pooled_scores(one), "other_folds_temperature": _pooled_scores(others)}
 
 
@@ -689,9 +688,9 @@ def cross_fit(target: Path, folds: list[Path], cache_dir: str | None = None) -> 
     target's members on its validation actors, each fold bundle on its own) and T_val the same over the
     target's validation actors alone."""
     loaded = bundle.load(target)
-    config, members, itself = _held_out(loaded, cache_dir)
-    if config.protocol != "actors":
+    if loaded.card["protocol"] != "actors":
         raise bundle.BundleError(f"{target}: cross-fitting holds out voices; it needs an actors-protocol bundle")
+    config, members, itself = _held_out(loaded, cache_dir)
     folds_seen = [(config.validation_actors, {"bundle": str(target), "run_id": loaded.card["run_id"],
                                               "model_sha256": loaded.sha256}, members)]
     for path in folds:
@@ -711,7 +710,8 @@ def cross_fit(target: Path, folds: list[Path], cache_dir: str | None = None) -> 
     groups = [group for _, _, group in folds_seen]
     t_bundle = calibration.fit_temperature(itself.window_logits, itself.file_index, itself.labels)
     t_all = calibration.fit_pooled_temperature([held for group in groups for held in group])
-    t_val = calibration.fit_pooled_temperature(members)
+    alone = [calibration.fit_pooled_temperature(group) for group in groups]
+    t_val = alone[0]  # the target's own validation actors
     temperature = float(np.clip(t_bundle * t_all / t_val, *calibration.TEMPERATURE_BOUNDS))
     fold_rows = [
         {
@@ -719,9 +719,9 @@ def cross_fit(target: Path, folds: list[Path], cache_dir: str | None = None) -> 
             **entry,
             "files": len(group[0].labels),
             "accuracy": float(np.mean([(h.probabilities(1.0).argmax(1) == h.labels).mean() for h in group])),
-            "single_model_temperature": calibration.fit_pooled_temperature(group),
+            "single_model_temperature": t,
         }
-        for actors, entry, group in folds_seen
+        for (actors, entry, group), t in zip(folds_seen, alone, strict=True)
     ]
     validation = dict(loaded.card.get("validation", {}))
     validation["after_cross_fit"] = _file_scores(itself.window_logits, itself.file_index, itself.labels, temperature)
