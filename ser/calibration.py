@@ -44,15 +44,20 @@ def fit_temperature(window_logits: np.ndarray, file_index: np.ndarray, labels: n
     return fit_pooled_temperature([HeldOut(window_logits, file_index, labels)])
 
 
+def pool(scored: list[tuple[HeldOut, float]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Held-out sets, each at its own temperature, as one: file probabilities, labels and file weights."""
+    probs = np.concatenate([held.probabilities(t) for held, t in scored])
+    labels = np.concatenate([held.labels for held, _ in scored])
+    weights = np.concatenate([np.full(len(held.labels), held.weight) for held, _ in scored])
+    return probs, labels, weights
+
+
 def fit_pooled_temperature(held_out: list[HeldOut]) -> float:
     """One temperature minimizing the weighted mean file NLL over several held-out sets (e.g. voice folds,
     each scored by the models that never heard it)."""
-    weights = np.concatenate([np.full(len(h.labels), h.weight) for h in held_out])
-    labels = np.concatenate([h.labels for h in held_out])
 
     def loss(log_t: float) -> float:
-        probs = np.concatenate([h.probabilities(float(np.exp(log_t))) for h in held_out])
-        return nll(probs, labels, weights)
+        return nll(*pool([(held, float(np.exp(log_t))) for held in held_out]))
 
     low, high = np.log(TEMPERATURE_BOUNDS)
     result = minimize_scalar(loss, bounds=(low, high), method="bounded", options={"xatol": 1e-4})
@@ -91,16 +96,17 @@ def expected_calibration_error(
     weights) in it."""
     confidence = probs.max(axis=1)
     correct = probs.argmax(axis=1) == labels
-    weights = np.ones(len(labels)) if weights is None else np.asarray(weights, dtype=np.float64)
-    gaps = np.bincount(confidence_bin(confidence, n_bins), weights=weights * (confidence - correct), minlength=n_bins)
-    return float(np.abs(gaps).sum() / max(weights.sum(), 1e-12))
+    rows_weights = None if weights is None else np.asarray(weights, dtype=np.float64)[None]
+    return float(ece_rows(confidence[None], correct[None], n_bins, rows_weights)[0])
 
 
-def ece_rows(confidence: np.ndarray, correct: np.ndarray, n_bins: int = ECE_BINS) -> np.ndarray:
-    """ECE of each row of (resamples, files) top-class confidences and hits, as expected_calibration_error
-    gives it for one: per bin, |sum of confidences - hits|, over the files."""
+def ece_rows(
+    confidence: np.ndarray, correct: np.ndarray, n_bins: int = ECE_BINS, weights: np.ndarray | None = None
+) -> np.ndarray:
+    """ECE of each row of (resamples, files) top-class confidences and hits (and optional file weights): per
+    bin, |sum of weighted confidences - hits|, over the total weight of the row."""
     rows = len(confidence)
+    weights = np.ones(confidence.shape) if weights is None else np.broadcast_to(weights, confidence.shape)
     bins = confidence_bin(confidence, n_bins) + (np.arange(rows) * n_bins)[:, None]
-    per_bin = [np.bincount(bins.ravel(), weights=w.ravel(), minlength=rows * n_bins).reshape(rows, n_bins)
-               for w in (confidence, correct.astype(float))]
-    return np.abs(per_bin[0] - per_bin[1]).sum(axis=1) / confidence.shape[1]
+    gaps = np.bincount(bins.ravel(), weights=(weights * (confidence - correct)).ravel(), minlength=rows * n_bins)
+    return np.abs(gaps.reshape(rows, n_bins)).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-12)

@@ -11,13 +11,14 @@ from __future__ import annotations
 import collections
 import dataclasses
 import datetime as dt
+import functools
 import hashlib
 import os
 import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -429,10 +430,11 @@ def train_loop_per_worker(cfg: dict) -> None:
 # ---------------------------------------------------------------- the driver
 
 
-def prepare(config: TrainConfig) -> tuple[pd.DataFrame, FeatureSet]:
-    """Index the data, split it under the protocol, and extract (or load cached) features, the
-    speed-perturbed copies of `augment.speeds` appended after the original windows."""
-    table = ravdess.index(config.data_dir)
+def prepare(config: TrainConfig, index: pd.DataFrame | None = None) -> tuple[pd.DataFrame, FeatureSet]:
+    """Index the data (or take `index`, the caller's `ravdess.index(config.data_dir)`), split it under the
+    protocol, and extract (or load cached) features, the speed-perturbed copies of `augment.speeds` appended
+    after the original windows."""
+    table = ravdess.index(config.data_dir) if index is None else index.copy()
     table["split"] = ravdess.split(table, config.protocol, config.validation_actors)
     if config.max_files:  # a small, deterministic subset for smoke tests
         per_side = max(1, config.max_files // 3)
@@ -645,12 +647,14 @@ def ensemble_bundles(members: list[Path], output: Path, cache_dir: str | None = 
 # ---------------------------------------------------------------- a temperature cross-fitted over voice folds
 
 
-def _held_out(loaded: bundle.Bundle, cache_dir: str | None) -> tuple[TrainConfig, list[calibration.HeldOut], object]:
+def _held_out(
+    loaded: bundle.Bundle, cache_dir: str | None, index: Callable[[str], pd.DataFrame]
+) -> tuple[TrainConfig, list[calibration.HeldOut], object]:
     """A bundle's recipe, its validation files scored by each of its base models (weights summing to 1, so
     each fold of voices counts once however many models hold it out), and scored by the bundle itself."""
     values = dict(loaded.card["train_config"], **({"cache_dir": cache_dir} if cache_dir else {}))
     config = config_io.build(TrainConfig, values)
-    table, feature_set = prepare(config)
+    table, feature_set = prepare(config, index(config.data_dir))
     data = training_data(config, table, feature_set)
     windows, owner, labels = validation_view(data)
     feats = data["features"][windows]
@@ -662,9 +666,7 @@ def _held_out(loaded: bundle.Bundle, cache_dir: str | None) -> tuple[TrainConfig
 
 def _pooled_scores(pairs: list[tuple[calibration.HeldOut, float]]) -> dict:
     """File NLL and ECE over held-out sets, each scored at its own temperature, pooled with the sets' weights."""
-    probs = np.concatenate([held.probabilities(t) for held, t in pairs])
-    labels = np.concatenate([held.labels for held, _ in pairs])
-    weights = np.concatenate([np.full(len(held.labels), held.weight) for held, _ in pairs])
+    probs, labels, weights = calibration.pool(pairs)
     return {"nll": calibration.nll(probs, labels, weights),
             "ece": calibration.expected_calibration_error(probs, labels, weights=weights)}
 
@@ -690,12 +692,13 @@ def cross_fit(target: Path, folds: list[Path], cache_dir: str | None = None) -> 
     loaded = bundle.load(target)
     if loaded.card["protocol"] != "actors":
         raise bundle.BundleError(f"{target}: cross-fitting holds out voices; it needs an actors-protocol bundle")
-    config, members, itself = _held_out(loaded, cache_dir)
+    index = functools.cache(ravdess.index)  # hashing the data once, however many bundles were trained on it
+    config, members, itself = _held_out(loaded, cache_dir, index)
     folds_seen = [(config.validation_actors, {"bundle": str(target), "run_id": loaded.card["run_id"],
                                               "model_sha256": loaded.sha256}, members)]
     for path in folds:
         fold = bundle.load(path)
-        fold_config, fold_members, _ = _held_out(fold, cache_dir)
+        fold_config, fold_members, _ = _held_out(fold, cache_dir, index)
         changes = _recipe_changes(config_io.to_dict(fold_config), loaded.card["train_config"])
         changes.pop("validation_actors", None)
         changes.pop("name", None)
