@@ -430,11 +430,11 @@ def train_loop_per_worker(cfg: dict) -> None:
 # ---------------------------------------------------------------- the driver
 
 
-def prepare(config: TrainConfig, index: pd.DataFrame | None = None) -> tuple[pd.DataFrame, FeatureSet]:
-    """Index the data (or take `index`, the caller's `ravdess.index(config.data_dir)`), split it under the
-    protocol, and extract (or load cached) features, the speed-perturbed copies of `augment.speeds` appended
-    after the original windows."""
-    table = ravdess.index(config.data_dir) if index is None else index.copy()
+def prepare(config: TrainConfig, table: pd.DataFrame | None = None) -> tuple[pd.DataFrame, FeatureSet]:
+    """Index the data (unless the caller passes its `ravdess.index(config.data_dir)` as `table`), split it
+    under the protocol, and extract (or load cached) features, the speed-perturbed copies of `augment.speeds`
+    appended after the original windows."""
+    table = ravdess.index(config.data_dir) if table is None else table.copy()
     table["split"] = ravdess.split(table, config.protocol, config.validation_actors)
     if config.max_files:  # a small, deterministic subset for smoke tests
         per_side = max(1, config.max_files // 3)
