@@ -671,10 +671,10 @@ def _pooled_scores(pairs: list[tuple[calibration.HeldOut, float]]) -> dict:
             "ece": calibration.expected_calibration_error(probs, labels, weights=weights)}
 
 
-def held_out_check(folds: list[list[calibration.HeldOut]]) -> dict:
+def held_out_check(folds: list[list[calibration.HeldOut]], alone: list[float]) -> dict:
     """Each fold of voices held out in turn: scored at the temperature of one other fold (today's practice,
-    over every other fold) and at the temperature pooled over all the other folds."""
-    alone = [calibration.fit_pooled_temperature(fold) for fold in folds]
+    over every other fold; `alone` holds each fold's own, `fit_pooled_temperature(fold)`) and at the
+    temperature pooled over all the other folds."""
     one, others = [], []
     for j, fold in enumerate(folds):
         rest = [held for i, other in enumerate(folds) if i != j for held in other]
@@ -740,7 +740,7 @@ def cross_fit(target: Path, folds: list[Path], cache_dir: str | None = None) -> 
                 "single_model_temperature_all_folds": t_all,
                 "single_model_temperature_validation_fold": t_val,
                 "folds": fold_rows,
-                "held_out_check": held_out_check(groups),
+                "held_out_check": held_out_check(groups, alone),
             },
         },
     }

@@ -97,7 +97,7 @@ def test_held_out_check_prefers_a_temperature_pooled_over_more_folds():
         logits = rng.normal(0.0, 1.5, (60, 8))
         labels = (softmax(logits).cumsum(axis=1) > rng.random((60, 1))).argmax(axis=1)
         folds.append([calibration.HeldOut(2.0 * logits, np.arange(60), labels)])
-    check = held_out_check(folds)
+    check = held_out_check(folds, [calibration.fit_pooled_temperature(fold) for fold in folds])
     assert check["other_folds_temperature"]["nll"] < check["one_fold_temperature"]["nll"]
     assert 0.0 < check["other_folds_temperature"]["ece"] < 1.0
 
