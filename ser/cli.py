@@ -333,7 +333,8 @@ def train(config_path, protocol, data_dir, output, num_workers, epochs, seed, ov
 
     Features are extracted once with Ray Data and cached; each worker runs the original recipe with a
     custom distributed step; the best epoch on validation is kept (`--set keep=last`: the final one) and
-    its temperature is fitted on validation. Evaluate the result with `ser evaluate --model OUTPUT`.
+    its temperature is fitted on validation. `--set max_minutes=N` ends each member after the first epoch
+    past N minutes, keeping its best epoch so far. Evaluate the result with `ser evaluate --model OUTPUT`.
     `--set distill_from=BUNDLE` trains on a teacher's soft targets too (e.g. one model distilled from an
     ensemble of the same protocol).
     """
@@ -365,7 +366,8 @@ def train(config_path, protocol, data_dir, output, num_workers, epochs, seed, ov
 def _echo_trained(out: Path, card: dict, extra: str) -> None:
     val = card["validation"]["after_calibration"]
     members = bundle.ensemble_members(card)
-    chosen = f"ensemble of {len(members)}" if members else f"kept epoch {card['best_epoch']}"
+    chosen = (f"ensemble of {len(members)}" if members else
+              f"kept epoch {card['best_epoch']} of {len(card['history'])} (stopped by {card['stopped_by']})")
     click.echo(f"bundle: {out}")
     click.echo(
         f"{chosen}, validation accuracy {val['accuracy']:.4f}, "

@@ -67,6 +67,7 @@ class TrainConfig:
     lr_schedule: str = "constant"  # constant, or cosine (decay to 5% over the maximum epochs)
     label_smoothing: float = 0.1
     patience: int = 8
+    max_minutes: float | None = None  # wall-clock budget of each member's epochs: the epoch ending past it is the last
     keep: str = "best"  # best: the best validation epoch (early stopping); last: the final epoch, no selection
     average_checkpoints: int = 1  # validate, early-stop on and ship the mean weights of the last N epochs
     surprise_weight: float = 1.5
@@ -96,6 +97,8 @@ class TrainConfig:
             raise ValueError(f"lr_schedule: expected 'constant' or 'cosine', got {self.lr_schedule!r}")
         if self.keep not in ("best", "last"):
             raise ValueError(f"keep: expected 'best' or 'last', got {self.keep!r}")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise ValueError(f"max_minutes: expected a budget above 0 minutes, got {self.max_minutes}")
         if self.average_checkpoints < 1:
             raise ValueError(f"average_checkpoints: expected at least 1 epoch, got {self.average_checkpoints}")
         if self.ensemble < 1:
@@ -383,6 +386,7 @@ def train_loop_per_worker(cfg: dict) -> None:
     model, distributed_step = build_step(config, strategy, len(np.unique(owner[train_windows])))
     history, best, best_weights, since_best = [], None, None, 0
     recent = collections.deque(maxlen=config.average_checkpoints)
+    budget_ends = None if config.max_minutes is None else time.monotonic() + 60 * config.max_minutes
     for epoch in range(config.epochs):
         train_loss, steps, seconds = train_epoch(distributed_step, data, config, epoch, rank, world)
         if config.average_checkpoints > 1:  # validate (and keep) the average; training goes on from the raw weights
@@ -412,12 +416,13 @@ def train_loop_per_worker(cfg: dict) -> None:
             since_best += 1
         if config.average_checkpoints > 1:
             model.set_weights(recent[-1])
-        stop = since_best >= config.patience or epoch + 1 == config.epochs
-        if not stop:
+        stopped_by = _stop_reason(config, epoch, since_best, budget_ends)
+        if stopped_by is None:
             ray.train.report(record)
             continue
         model.set_weights(best_weights)
-        card = {**cfg["card"], "history": history, "best_epoch": best["epoch"], **calibrate(model, data)}
+        card = {**cfg["card"], "history": history, "best_epoch": best["epoch"], "stopped_by": stopped_by,
+                **calibrate(model, data)}
         checkpoint = None
         if rank == 0:
             out = Path(tempfile.mkdtemp(prefix="ser-bundle-"))
@@ -425,6 +430,21 @@ def train_loop_per_worker(cfg: dict) -> None:
             checkpoint = ray.train.Checkpoint.from_directory(str(out))
         ray.train.report({**record, "val_accuracy_best": best["val_accuracy"]}, checkpoint=checkpoint)
         break
+
+
+def _stop_reason(config: TrainConfig, epoch: int, since_best: int, budget_ends: float | None) -> str | None:
+    """The option that ends training after this (0-based) epoch, or None to go on. Validation and epoch counts
+    agree on every worker; their clocks do not, so rank 0's reading of the time budget decides for all."""
+    if since_best >= config.patience:
+        return "patience"
+    if epoch + 1 == config.epochs:
+        return "epochs"
+    if budget_ends is not None:
+        from ray.train.collective import broadcast_from_rank_zero
+
+        if broadcast_from_rank_zero(time.monotonic() >= budget_ends):
+            return "max_minutes"
+    return None
 
 
 # ---------------------------------------------------------------- the driver

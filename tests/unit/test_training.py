@@ -95,6 +95,12 @@ def test_mean_weights_averages_each_variable_in_its_own_dtype():
         training.TrainConfig(average_checkpoints=0)
 
 
+def test_time_budget_must_be_positive():
+    assert training.TrainConfig(max_minutes=0.5).max_minutes == 0.5
+    with pytest.raises(ValueError, match="max_minutes: expected a budget above 0"):
+        training.TrainConfig(max_minutes=0)
+
+
 @pytest.mark.parametrize(("mode", "shape"), [("global", ()), ("per_band", (features.N_MELS, 1))])
 def test_normalization_stats(mode, shape):
     rng = np.random.default_rng(0)
@@ -124,7 +130,7 @@ def generated_corpus(tmp_path_factory):
     return root
 
 
-def _smoke_train(tmp_path, feature_cache, **values):
+def _smoke_train(tmp_path, feature_cache, stopped_by="epochs", **values):
     values = {"epochs": 1} | values
     config = training.TrainConfig(
         batch_size=8,
@@ -137,7 +143,9 @@ def _smoke_train(tmp_path, feature_cache, **values):
     out, card = training.train(config)
     loaded = bundle.load(out)
     assert loaded.card == card and card["num_workers"] == values["num_workers"]
-    assert [row["epoch"] for row in card["history"]] == list(range(1, config.epochs + 1))
+    assert card["stopped_by"] == stopped_by
+    if stopped_by == "epochs":
+        assert [row["epoch"] for row in card["history"]] == list(range(1, config.epochs + 1))
     assert "train_loss" in card["history"][0]
     low, high = calibration.TEMPERATURE_BOUNDS
     assert low <= card["calibration"]["temperature"] <= high
@@ -146,8 +154,14 @@ def _smoke_train(tmp_path, feature_cache, **values):
     return card
 
 
-def test_train_distributed_on_generated_corpus(tmp_path, feature_cache, generated_corpus, local_ray):
-    card = _smoke_train(tmp_path, feature_cache, data_dir=str(generated_corpus), protocol="actors", num_workers=2)
+def test_train_distributed_on_generated_corpus_within_a_time_budget(tmp_path, feature_cache, generated_corpus,
+                                                                     local_ray):
+    """Two workers, 3 epochs and a budget that the first epoch overruns: both stop after it, the bundle is that
+    epoch, and the card says why."""
+    card = _smoke_train(tmp_path, feature_cache, data_dir=str(generated_corpus), protocol="actors", num_workers=2,
+                        epochs=3, patience=3, max_minutes=1e-4, stopped_by="max_minutes")
+    assert [row["epoch"] for row in card["history"]] == [1] and card["best_epoch"] == 1
+    assert card["train_config"]["max_minutes"] == 1e-4
     assert card["split"] == {"train": 16, "validation": 4, "test": 4}
     assert card["test_actors"] == [21, 22, 23, 24]
 
