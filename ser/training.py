@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ser import bundle, calibration, features, ravdess
+from ser import bundle, calibration, features, ravdess, ray_logs
 from ser import config as config_io
 from ser.model import ModelConfig
 from ser.predict import normalize
@@ -513,7 +513,7 @@ def teacher_targets(config: TrainConfig, fingerprint: str, data: dict) -> tuple[
 def _fit(config: TrainConfig, data_ref, card: dict, run_name: str, target: Path) -> Path:
     """One Ray Train run of `train_loop_per_worker`; its best bundle is copied to `target`."""
     import ray
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import LoggingConfig, RunConfig, ScalingConfig
     from ray.train.tensorflow import TensorflowTrainer
 
     cpus = config.cpus_per_worker or max(1, int(ray.cluster_resources().get("CPU", 1)) // config.num_workers)
@@ -523,7 +523,15 @@ def _fit(config: TrainConfig, data_ref, card: dict, run_name: str, target: Path)
         scaling_config=ScalingConfig(
             num_workers=config.num_workers, use_gpu=config.use_gpu, resources_per_worker={"CPU": cpus}
         ),
-        run_config=RunConfig(name=run_name, storage_path=str(Path(config.storage_path).resolve())),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=str(Path(config.storage_path).resolve()),
+            # One line per epoch on the console: Ray Train's own INFO lines stay in its log files (see ray_logs for
+            # the one that escapes this level), and its print patch, which would echo each print a second time
+            # through a logger, is off.
+            logging_config=LoggingConfig(log_level="WARNING"),
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+        ),
     )
     result = trainer.fit()
     if result.checkpoint is None:
@@ -543,7 +551,8 @@ def train(config: TrainConfig, address: str | None = None) -> tuple[Path, dict]:
     name = config.name.format(protocol=config.protocol)
     output = Path(config.output.format(protocol=config.protocol, run_id=run_id))
     if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False)
+        ray.init(address=address, include_dashboard=False,
+                 runtime_env={"worker_process_setup_hook": ray_logs.SETUP_HOOK})
     started = time.perf_counter()
     table, feature_set = prepare(config)
     data = training_data(config, table, feature_set)
@@ -605,6 +614,8 @@ def _base_members(loaded: bundle.Bundle) -> list[tuple[object, dict]]:
         "run_id": card["run_id"],
         "seed": card["train_config"]["seed"],
         "best_epoch": card["best_epoch"],
+        "epochs_run": len(card["history"]),
+        "stopped_by": card.get("stopped_by"),  # None: trained before cards recorded it
         "validation_accuracy": card["validation"]["after_calibration"]["accuracy"],
         "model_sha256": loaded.sha256,
         "train_seconds": card.get("train_seconds"),

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -166,6 +170,24 @@ def test_train_distributed_on_generated_corpus_within_a_time_budget(tmp_path, fe
     assert card["test_actors"] == [21, 22, 23, 24]
 
 
+def test_ser_train_prints_one_line_per_epoch_and_no_ray_chatter(tmp_path, feature_cache, generated_corpus):
+    """`ser train` as a user runs it, starting its own Ray: each epoch's line once (Ray Train's print patch would
+    echo it twice), no dump of every report, and nothing from the placement-group cleaner, which asks the state
+    API once a second: a warning each time it fails (the job starts no dashboard), or a traceback when it finds
+    several Ray instances on the machine (here, whenever the test session's own Ray is up)."""
+    command = [str(Path(sys.executable).with_name("ser")), "train", "--data", str(generated_corpus), "--protocol",
+               "actors", "--epochs", "2", "--output", str(tmp_path / "bundle"), "--set", "batch_size=8",
+               "--set", f"cache_dir={feature_cache}", "--set", f"storage_path={tmp_path / 'ray'}",
+               "--set", "model.conv_filters=[4, 8, 8]", "--set", "model.lstm_units=8"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-3000:]
+    assert [len(re.findall(rf"epoch +{n}/2 +loss", output)) for n in (1, 2)] == [1, 1], output[-3000:]
+    assert "kept epoch" in done.stdout and "(stopped by epochs)" in done.stdout
+    assert "Reporting training result" not in output
+    assert "Failed to query Ray Train Controller" not in output and "Traceback" not in output
+
+
 @pytest.mark.data
 # 2 workers on real data is slow-only: the distributed step is covered by the generated corpus above.
 @pytest.mark.parametrize("num_workers", [pytest.param(2, marks=pytest.mark.slow), 1])
@@ -186,6 +208,7 @@ def test_ensemble_training_and_ser_ensemble_agree(tmp_path, feature_cache, gener
     members = card["ensemble"]["members"]
     assert [member["seed"] for member in members] == [42, 43]
     assert members[0]["model_sha256"] != members[1]["model_sha256"]
+    assert [(member["epochs_run"], member["stopped_by"]) for member in members] == [(1, "epochs")] * 2
     member_dirs = sorted((tmp_path / "ray" / card["run_id"] / "members").iterdir())
     assert [path.name for path in member_dirs] == ["seed-42", "seed-43"]
     again, again_card = training.ensemble_bundles(member_dirs, tmp_path / "combined")
