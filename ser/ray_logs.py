@@ -1,6 +1,6 @@
-"""Ray worker-process setup that keeps Ray's own chatter out of the jobs' progress output.
+"""Ray worker-process setup that keeps Ray's own chatter out of `ser train`'s progress output.
 
-Every worker process of a Ray instance the jobs start runs `quiet_workers` first; it imports nothing the worker
+Every worker process of the Ray job `ser train` starts runs `quiet_workers` first; it imports nothing the worker
 has not already imported.
 """
 
@@ -10,7 +10,7 @@ import logging
 import os
 
 # Ray Train's detached placement-group cleaner asks the state API once a second whether the training controller
-# is alive. The state API is served by the dashboard, which the jobs do not start, so each ask fails and logs a
+# is alive. The state API is served by the dashboard, which `ser train` does not start, so each ask fails and logs a
 # warning: about 6,500 lines over a 2-hour training. A failed ask changes nothing (the cleaner keeps watching,
 # and a run that ends normally removes its placement group itself), so this logger is kept to errors.
 PLACEMENT_GROUP_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
