@@ -6,13 +6,11 @@ import dataclasses
 import json
 import re
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import write_ravdess_like
+from e2e.conftest import ser
 from sklearn.utils.class_weight import compute_class_weight
 
 from ser import audio, bundle, calibration, features, ravdess, training
@@ -175,11 +173,10 @@ def test_ser_train_prints_one_line_per_epoch_and_no_ray_chatter(tmp_path, featur
     echo it twice), no dump of every report, and nothing from the placement-group cleaner, which asks the state
     API once a second: a warning each time it fails (the job starts no dashboard), or a traceback when it finds
     several Ray instances on the machine (here, whenever the test session's own Ray is up)."""
-    command = [str(Path(sys.executable).with_name("ser")), "train", "--data", str(generated_corpus), "--protocol",
-               "actors", "--epochs", "2", "--output", str(tmp_path / "bundle"), "--set", "batch_size=8",
-               "--set", f"cache_dir={feature_cache}", "--set", f"storage_path={tmp_path / 'ray'}",
-               "--set", "model.conv_filters=[4, 8, 8]", "--set", "model.lstm_units=8"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    done = ser("train", "--data", str(generated_corpus), "--protocol", "actors", "--epochs", "2", "--output",
+               str(tmp_path / "bundle"), "--set", "batch_size=8", "--set", f"cache_dir={feature_cache}",
+               "--set", f"storage_path={tmp_path / 'ray'}", "--set", "model.conv_filters=[4, 8, 8]",
+               "--set", "model.lstm_units=8")
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-3000:]
     assert [len(re.findall(rf"epoch +{n}/2 +loss", output)) for n in (1, 2)] == [1, 1], output[-3000:]
