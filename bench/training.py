@@ -68,7 +68,7 @@ def plain(config: TrainConfig) -> dict:
     table, feature_set = training.prepare(config)
     data = training.training_data(config, table, feature_set)
     n_files = len(set(data["file_index"][training.training_windows(data)].tolist()))
-    _, step = training.build_step(config, tf.distribute.get_strategy(), n_files)
+    _, _, step = training.build_step(config, tf.distribute.get_strategy(), n_files)
     history = []
     for epoch in range(config.epochs):
         _, steps, seconds = training.train_epoch(step, data, config, epoch)

@@ -327,8 +327,13 @@ def _evaluation_table(result: dict, classes: tuple[str, ...]) -> str:
 @click.option("--num-workers", type=int, default=None, help="Ray Train workers.")
 @click.option("--epochs", type=int, default=None, help="Maximum epochs (early stopping may end sooner).")
 @click.option("--seed", type=int, default=None, help="Random seed.")
+@click.option("--resume", "resume_folder", default=None, type=click.Path(file_okay=False, path_type=Path),
+              help="Go on with an interrupted run, under its own configuration: the run folder it printed when it "
+                   "started (<storage_path>/<run id>). Takes no other option but --address.")
 @job_options
-def train(config_path, protocol, data_dir, output, num_workers, epochs, seed, overrides, address, print_config) -> None:
+@click.pass_context
+def train(ctx, config_path, protocol, data_dir, output, num_workers, epochs, seed, resume_folder, overrides, address,
+          print_config) -> None:
     """Train a model with Ray Train over the shared feature stage and write a bundle.
 
     Features are extracted once with Ray Data and cached; each worker runs the original recipe with a
@@ -337,12 +342,25 @@ def train(config_path, protocol, data_dir, output, num_workers, epochs, seed, ov
     past N minutes, keeping its best epoch so far. Evaluate the result with `ser evaluate --model OUTPUT`.
     `--set distill_from=BUNDLE` trains on a teacher's soft targets too (e.g. one model distilled from an
     ensemble of the same protocol).
+
+    Every epoch leaves a checkpoint of the whole training state in the run folder printed at the start;
+    after an interruption (Ctrl-C, a lost machine) `ser train --resume FOLDER` goes on after the last epoch
+    whose checkpoint was recorded (the one in flight, and at most the one before, are run again), and ends
+    where the uninterrupted run would: same data order, augmentation, dropout and learning-rate schedule.
     """
+    given = [param.opts[0] for param in ctx.command.params if param.name not in ("resume_folder", "address")
+             and ctx.get_parameter_source(param.name) is not click.core.ParameterSource.DEFAULT]
+    if resume_folder is not None and given:
+        _fail(f"--resume goes on under the run's own configuration; drop {', '.join(given)}")
     import_tensorflow_quietly()
-    from ser.training import TrainConfig
+    from ser import training
+
+    if resume_folder is not None:
+        _run_training(lambda: training.resume(resume_folder, address=address))
+        return
 
     cfg = _job_config(
-        TrainConfig,
+        training.TrainConfig,
         config_path,
         overrides,
         print_config,
@@ -353,14 +371,25 @@ def train(config_path, protocol, data_dir, output, num_workers, epochs, seed, ov
         epochs=epochs,
         seed=seed,
     )
-    from ser.training import train as run_training
+    _run_training(lambda: training.train(cfg, address=address))
+
+
+def _run_training(run) -> None:
+    """Run `ser train`'s job and say what it wrote; bad input, and an interruption, end in a one-line message."""
+    from ser import training
 
     try:
-        out, card = run_training(cfg, address=address)
-    except FileNotFoundError as exc:
+        out, card = run()
+    except (FileNotFoundError, training.ResumeError) as exc:
         _fail(str(exc))
+    except (KeyboardInterrupt, SystemExit):  # Ray Train's Ctrl-C handler aborts the run with SystemExit
+        click.echo("interrupted: go on with the `ser train --resume` line printed when the run started", err=True)
+        sys.exit(130)
     _leave_ray()
-    _echo_trained(out, card, f"{card['train_seconds']:.0f} s")
+    extra = f"{card['train_seconds']:.0f} s"
+    if card.get("resumed_after_epochs"):
+        extra += f", resumed after epochs {card['resumed_after_epochs']}"
+    _echo_trained(out, card, extra)
 
 
 def _echo_trained(out: Path, card: dict, extra: str) -> None:

@@ -9,10 +9,12 @@ work under MultiWorkerMirroredStrategy inside Ray Train, so the step is written 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import datetime as dt
 import functools
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -32,6 +34,9 @@ from ser.predict import normalize
 
 FEATURE_BATCH = 16  # files per Ray Data feature task
 EVAL_BATCH = 256
+STATE_ARRAYS = "train_state.npz"  # an epoch checkpoint: weights, optimizer, kept epoch, averaging window
+STATE_PROGRESS = "train_state.json"  # ... and where training stands (Progress)
+RUN_FILE = "ser-train.json"  # in a run's folder: its id, configuration and data, for `ser train --resume`
 
 
 @dataclass
@@ -301,7 +306,8 @@ def training_windows(data: dict) -> np.ndarray:
 
 
 def build_step(config: TrainConfig, strategy, n_train_files: int):
-    """Seed, then build the model and its compiled step under `strategy`: step(x, y, w) -> the global mean loss.
+    """Seed, then build the model, its optimizer (variables created, so a resumed run can load them) and its
+    compiled step under `strategy`: step(x, y, w) -> the global mean loss.
 
     Ray Train workers and the plain single-process reference of bench/ run this same step.
     """
@@ -315,6 +321,7 @@ def build_step(config: TrainConfig, strategy, n_train_files: int):
     with strategy.scope():
         model = build_model(config.model)
         optimizer = keras.optimizers.Adam(learning_rate_schedule(config, n_train_files))
+        optimizer.build(model.trainable_variables)
         loss_fn = keras.losses.CategoricalCrossentropy(
             from_logits=True, label_smoothing=config.label_smoothing, reduction="none"
         )
@@ -331,7 +338,7 @@ def build_step(config: TrainConfig, strategy, n_train_files: int):
     def distributed_step(x, y, w):
         return strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(step, args=(x, y, w)), axis=None)
 
-    return model, distributed_step
+    return model, optimizer, distributed_step
 
 
 def train_epoch(distributed_step, data: dict, config: TrainConfig, epoch: int, rank: int = 0,
@@ -362,8 +369,65 @@ def train_epoch(distributed_step, data: dict, config: TrainConfig, epoch: int, r
     return total / max(steps, 1), steps, time.perf_counter() - started
 
 
+@dataclass
+class Progress:
+    """Where a worker's training stands after an epoch: what an epoch checkpoint restores, besides weights."""
+
+    epochs_done: int = 0
+    history: list[dict] = field(default_factory=list)
+    best: dict | None = None  # the history record of the epoch the bundle would keep
+    since_best: int = 0
+    seconds: float = 0.0  # wall time of the epoch loop so far, across resumes (what max_minutes counts)
+    resumed_after: list[int] = field(default_factory=list)  # epochs_done at each resume
+
+
+def save_state(folder: Path, model, optimizer, progress: Progress, best_weights: list[np.ndarray],
+               recent: Sequence[list[np.ndarray]]) -> None:
+    """An epoch checkpoint: every model and optimizer variable (random-seed states and Adam's step count
+    included), the kept epoch's weights, the checkpoint-averaging window, and `progress`."""
+    arrays = {f"model_{i}": v.numpy() for i, v in enumerate(model.variables)}
+    arrays |= {f"optimizer_{i}": v.numpy() for i, v in enumerate(optimizer.variables)}
+    arrays |= {f"best_{i}": w for i, w in enumerate(best_weights)}
+    arrays |= {f"recent_{j}_{i}": w for j, weights in enumerate(recent) for i, w in enumerate(weights)}
+    np.savez(folder / STATE_ARRAYS, **arrays)
+    (folder / STATE_PROGRESS).write_text(json.dumps(dataclasses.asdict(progress)))
+
+
+def load_state(folder: Path, model, optimizer) -> tuple[Progress, list[np.ndarray], list[list[np.ndarray]]]:
+    """Restore `save_state`'s variables into `model` and `optimizer` (built alike); the progress, the kept
+    epoch's weights and the averaging window."""
+    with np.load(folder / STATE_ARRAYS) as arrays:
+        saved = dict(arrays)
+    for prefix, variables in (("model", model.variables), ("optimizer", optimizer.variables)):
+        for i, variable in enumerate(variables):
+            variable.assign(saved[f"{prefix}_{i}"])
+    best = [saved[f"best_{i}"] for i in range(len(model.weights))]
+    recent = []
+    while f"recent_{len(recent)}_0" in saved:
+        recent.append([saved[f"recent_{len(recent)}_{i}"] for i in range(len(model.weights))])
+    return Progress(**json.loads((folder / STATE_PROGRESS).read_text())), best, recent
+
+
+@contextlib.contextmanager
+def _rank_zero_checkpoint(rank: int, write: Callable[[Path], None]):
+    """A Ray Train checkpoint of a temporary folder that `write` fills, on rank 0; None on the other ranks
+    (rank 0's copy is the run's). The folder is gone once the report that uploads it returns."""
+    import ray.train
+
+    if rank != 0:
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix="ser-checkpoint-") as folder:
+        write(Path(folder))
+        yield ray.train.Checkpoint.from_directory(folder)
+
+
 def train_loop_per_worker(cfg: dict) -> None:
-    """Runs on each Ray Train worker: custom distributed step, early stopping, calibration, bundle checkpoint."""
+    """Runs on each Ray Train worker: custom distributed step, early stopping, calibration, bundle checkpoint.
+
+    Each epoch but the last reports a checkpoint of the whole training state, so a run restarted under the
+    same Ray Train run name (`ser train --resume`) goes on after the last epoch it finished; the last
+    epoch's checkpoint is the bundle."""
     import ray
     import ray.train
     import tensorflow as tf
@@ -383,11 +447,19 @@ def train_loop_per_worker(cfg: dict) -> None:
     val_windows, val_owner, val_labels = validation_view(data)
 
     strategy = tf.distribute.MultiWorkerMirroredStrategy() if world > 1 else tf.distribute.get_strategy()
-    model, distributed_step = build_step(config, strategy, len(np.unique(owner[train_windows])))
-    history, best, best_weights, since_best = [], None, None, 0
+    model, optimizer, distributed_step = build_step(config, strategy, len(np.unique(owner[train_windows])))
+    progress, best_weights = Progress(), None
     recent = collections.deque(maxlen=config.average_checkpoints)
-    budget_ends = None if config.max_minutes is None else time.monotonic() + 60 * config.max_minutes
-    for epoch in range(config.epochs):
+    restored = ray.train.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as folder:
+            progress, best_weights, window = load_state(Path(folder), model, optimizer)
+        recent.extend(window)
+        progress.resumed_after.append(progress.epochs_done)
+        if rank == 0:
+            print(f"resuming after epoch {progress.epochs_done}/{config.epochs}", flush=True)
+    loop_started = time.monotonic() - progress.seconds
+    for epoch in range(progress.epochs_done, config.epochs):
         train_loss, steps, seconds = train_epoch(distributed_step, data, config, epoch, rank, world)
         if config.average_checkpoints > 1:  # validate (and keep) the average; training goes on from the raw weights
             recent.append(model.get_weights())
@@ -401,7 +473,7 @@ def train_loop_per_worker(cfg: dict) -> None:
             "epoch_seconds": seconds,
             "samples_per_second": steps * config.batch_size / seconds,
         }
-        history.append(record)
+        progress.history.append(record)
         if rank == 0:
             print(
                 f"epoch {record['epoch']:>3}/{config.epochs}  loss {record['train_loss']:.4f}  "
@@ -409,40 +481,43 @@ def train_loop_per_worker(cfg: dict) -> None:
                 flush=True,
             )
         # keep=last leaves validation out of every choice, so the temperature fitted on it is not biased by selection
+        best = progress.best
         better = best is None or (scores["accuracy"], -scores["nll"]) > (best["val_accuracy"], -best["val_nll"])
         if better or config.keep == "last":
-            best, best_weights, since_best = record, model.get_weights(), 0
+            progress.best, best_weights, progress.since_best = record, model.get_weights(), 0
         else:
-            since_best += 1
+            progress.since_best += 1
         if config.average_checkpoints > 1:
             model.set_weights(recent[-1])
-        stopped_by = _stop_reason(config, epoch, since_best, budget_ends)
+        progress.epochs_done, progress.seconds = epoch + 1, time.monotonic() - loop_started
+        stopped_by = _stop_reason(config, epoch, progress)
         if stopped_by is None:
-            ray.train.report(record)
+            state = functools.partial(save_state, model=model, optimizer=optimizer, progress=progress,
+                                      best_weights=best_weights, recent=recent)
+            with _rank_zero_checkpoint(rank, state) as checkpoint:
+                ray.train.report(record, checkpoint=checkpoint)
             continue
         model.set_weights(best_weights)
-        card = {**cfg["card"], "history": history, "best_epoch": best["epoch"], "stopped_by": stopped_by,
-                **calibrate(model, data)}
-        checkpoint = None
-        if rank == 0:
-            out = Path(tempfile.mkdtemp(prefix="ser-bundle-"))
-            bundle.save(out, model, mean, std, card)
-            checkpoint = ray.train.Checkpoint.from_directory(str(out))
-        ray.train.report({**record, "val_accuracy_best": best["val_accuracy"]}, checkpoint=checkpoint)
+        card = {**cfg["card"], "history": progress.history, "best_epoch": progress.best["epoch"],
+                "stopped_by": stopped_by, "resumed_after_epochs": progress.resumed_after,
+                "epoch_loop_seconds": round(progress.seconds, 1), **calibrate(model, data)}
+        write_bundle = functools.partial(bundle.save, model=model, mean=mean, std=std, card=card)
+        with _rank_zero_checkpoint(rank, write_bundle) as checkpoint:
+            ray.train.report({**record, "val_accuracy_best": progress.best["val_accuracy"]}, checkpoint=checkpoint)
         break
 
 
-def _stop_reason(config: TrainConfig, epoch: int, since_best: int, budget_ends: float | None) -> str | None:
+def _stop_reason(config: TrainConfig, epoch: int, progress: Progress) -> str | None:
     """The option that ends training after this (0-based) epoch, or None to go on. Validation and epoch counts
     agree on every worker; their clocks do not, so rank 0's reading of the time budget decides for all."""
-    if since_best >= config.patience:
+    if progress.since_best >= config.patience:
         return "patience"
     if epoch + 1 == config.epochs:
         return "epochs"
-    if budget_ends is not None:
+    if config.max_minutes is not None:
         from ray.train.collective import broadcast_from_rank_zero
 
-        if broadcast_from_rank_zero(time.monotonic() >= budget_ends):
+        if broadcast_from_rank_zero(progress.seconds >= 60 * config.max_minutes):
             return "max_minutes"
     return None
 
@@ -511,9 +586,10 @@ def teacher_targets(config: TrainConfig, fingerprint: str, data: dict) -> tuple[
 
 
 def _fit(config: TrainConfig, data_ref, card: dict, run_name: str, target: Path) -> Path:
-    """One Ray Train run of `train_loop_per_worker`; its best bundle is copied to `target`."""
+    """One Ray Train run of `train_loop_per_worker`; its best bundle is copied to `target`. A run name that
+    already has epoch checkpoints under `storage_path` goes on after the last of them."""
     import ray
-    from ray.train import LoggingConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.tensorflow import TensorflowTrainer
 
     cpus = config.cpus_per_worker or max(1, int(ray.cluster_resources().get("CPU", 1)) // config.num_workers)
@@ -526,6 +602,7 @@ def _fit(config: TrainConfig, data_ref, card: dict, run_name: str, target: Path)
         run_config=RunConfig(
             name=run_name,
             storage_path=str(Path(config.storage_path).resolve()),
+            checkpoint_config=CheckpointConfig(num_to_keep=1),  # the latest epoch's state, then the bundle
             # One line per epoch on the console: Ray Train's own INFO lines stay in its log files (see ray_logs for
             # the one that escapes this level), and its print patch, which would echo each print a second time
             # through a logger, is off.
@@ -540,14 +617,40 @@ def _fit(config: TrainConfig, data_ref, card: dict, run_name: str, target: Path)
         if target.exists():
             shutil.rmtree(target)
         shutil.copytree(checkpoint_dir, target)
+    # Ray Train keeps one epoch checkpoint, but leaves behind one an interruption cut off before it was recorded,
+    # and those a resumed run started from; the bundle is what remains of a finished run.
+    for state in Path(config.storage_path).resolve().glob(f"{run_name}/checkpoint_*/{STATE_PROGRESS}"):
+        shutil.rmtree(state.parent)
     return target
 
 
-def train(config: TrainConfig, address: str | None = None) -> tuple[Path, dict]:
-    """Run the Ray Train job (once per ensemble member); returns the bundle folder and its model card."""
+class ResumeError(Exception):
+    """A run that cannot be resumed as asked."""
+
+
+def new_run_id() -> str:
+    """A run id: UTC start time and a random suffix (names the Ray Train run folder and the bundle's run)."""
+    return dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+
+
+def run_folder(config: TrainConfig, run_id: str) -> Path:
+    """Where run `run_id` keeps its Ray Train checkpoints and RUN_FILE (an ensemble's members: beside it)."""
+    return Path(config.storage_path).resolve() / run_id
+
+
+def _finished(target: Path, run_id: str) -> bool:
+    return (target / bundle.CARD_FILE).exists() and bundle.read_card(target).get("run_id") == run_id
+
+
+def train(config: TrainConfig, address: str | None = None, run_id: str | None = None) -> tuple[Path, dict]:
+    """Run the Ray Train job (once per ensemble member); returns the bundle folder and its model card.
+
+    A `run_id` of an interrupted run (see `resume`) goes on where it stopped: finished ensemble members are
+    kept, the others continue after their last finished epoch."""
     import ray
 
-    run_id = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+    resuming = run_id is not None
+    run_id = run_id or new_run_id()
     name = config.name.format(protocol=config.protocol)
     output = Path(config.output.format(protocol=config.protocol, run_id=run_id))
     if not ray.is_initialized():
@@ -557,6 +660,18 @@ def train(config: TrainConfig, address: str | None = None) -> tuple[Path, dict]:
     table, feature_set = prepare(config)
     data = training_data(config, table, feature_set)
     fingerprint = data_fingerprint(table)
+    folder = run_folder(config, run_id)
+    if resuming:
+        recorded = json.loads((folder / RUN_FILE).read_text())["data_fingerprint"]
+        if recorded != fingerprint:
+            raise ResumeError(f"{config.data_dir}: the data changed since run {run_id} started (fingerprint "
+                             f"{recorded[:12]} then, {fingerprint[:12]} now); start a new run instead")
+    else:
+        folder.mkdir(parents=True, exist_ok=True)
+        run = {"run_id": run_id, "cwd": os.getcwd(), "data_fingerprint": fingerprint,
+               "config": config_io.to_dict(config)}
+        (folder / RUN_FILE).write_text(json.dumps(run, indent=1) + "\n")
+        print(f"run {run_id}; if it is interrupted, go on with: ser train --resume {folder}", flush=True)
     distillation = None
     if config.distill_from:
         data["soft_targets"], distillation = teacher_targets(config, fingerprint, data)
@@ -581,18 +696,40 @@ def train(config: TrainConfig, address: str | None = None) -> tuple[Path, dict]:
     if config.ensemble == 1:
         _fit(config, data_ref, card, run_id, output)
     else:
-        members_dir = Path(config.storage_path).resolve() / run_id / "members"
         members = []
         for i in range(config.ensemble):
             member = dataclasses.replace(config, seed=config.seed + i, ensemble=1)
             member_card = {**card, "run_id": f"{run_id}-member{i}", "train_config": config_io.to_dict(member)}
-            members.append(_fit(member, data_ref, member_card, member_card["run_id"],
-                                members_dir / f"seed-{member.seed}"))
+            target = folder / "members" / f"seed-{member.seed}"
+            if not _finished(target, member_card["run_id"]):
+                _fit(member, data_ref, member_card, member_card["run_id"], target)
+            members.append(target)
         combine(members, output, data, card)
     final = bundle.read_card(output)
     final["train_seconds"] = round(time.perf_counter() - started, 1)
     bundle.write_card(output, final)
     return output, final
+
+
+def resume(folder: Path, address: str | None = None) -> tuple[Path, dict]:
+    """Go on with the interrupted `ser train` run whose run folder (printed when it started) is `folder`,
+    under its own configuration; a run that already finished just returns its bundle.
+
+    Relative paths in that configuration are taken from the directory the run was started in."""
+    folder = Path(folder)
+    if not (folder / RUN_FILE).exists():
+        raise ResumeError(f"{folder}: not a `ser train` run folder (no {RUN_FILE}); the folder to resume "
+                                "is printed when a run starts: <storage_path>/<run id>")
+    run = json.loads((folder / RUN_FILE).read_text())
+    values = run["config"] | {"storage_path": str(folder.resolve().parent)}  # where the run folder is now
+    for key in ("data_dir", "output", "cache_dir", "distill_from"):
+        if values.get(key) and not os.path.isabs(os.path.expanduser(values[key])):
+            values[key] = os.path.join(run["cwd"], values[key])
+    config = config_io.build(TrainConfig, values)
+    output = Path(config.output.format(protocol=config.protocol, run_id=run["run_id"]))
+    if _finished(output, run["run_id"]):
+        return output, bundle.read_card(output)
+    return train(config, address, run_id=run["run_id"])
 
 
 # Statistics recomputed from the same files agree to ~1e-7 relative across machines (their FFT and BLAS

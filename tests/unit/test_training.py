@@ -6,11 +6,15 @@ import dataclasses
 import json
 import re
 import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import write_ravdess_like
-from e2e.conftest import ser
+from conftest import ROOT, write_ravdess_like
+from e2e.conftest import SER, ser
 from sklearn.utils.class_weight import compute_class_weight
 
 from ser import audio, bundle, calibration, features, ravdess, training
@@ -183,6 +187,106 @@ def test_ser_train_prints_one_line_per_epoch_and_no_ray_chatter(tmp_path, featur
     assert "kept epoch" in done.stdout and "(stopped by epochs)" in done.stdout
     assert "Reporting training result" not in output
     assert "Failed to query Ray Train Controller" not in output and "Traceback" not in output
+
+
+def _wait_for(condition, what: str, process: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None, f"ser train ended (rc {process.returncode}) before {what}"
+        assert time.monotonic() < deadline, f"no {what} in {timeout} s"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow  # ~2.5 min: a reference run and two `ser train` processes; the state round trip is tested below
+def test_ser_train_resumes_an_interrupted_run_exactly_where_it_stopped(tmp_path, feature_cache, generated_corpus,
+                                                                        local_ray):
+    """`ser train` as a user runs it, interrupted with Ctrl-C once an epoch checkpoint is recorded, then
+    `ser train --resume` with the folder it printed: the run goes on after that epoch, printing each later epoch
+    once, and ends where the same run uninterrupted ends (data order, augmentation, dropout and Adam state
+    restored); its epoch checkpoints are gone, the bundle is left."""
+    epochs = 12
+    values = {"data_dir": str(generated_corpus), "protocol": "actors", "epochs": epochs, "batch_size": 8,
+              "cpus_per_worker": 1, "cache_dir": str(feature_cache)}
+    model = {"model.conv_filters": "[4, 8, 8]", "model.lstm_units": "8"}
+    _, reference = training.train(training.TrainConfig(
+        **values, model=ModelConfig(conv_filters=(4, 8, 8), lstm_units=8), output=str(tmp_path / "reference"),
+        storage_path=str(tmp_path / "ray-reference")))
+
+    args = ["train", "--data", values["data_dir"], "--protocol", "actors", "--epochs", str(epochs), "--output",
+            str(tmp_path / "bundle")]
+    for key, value in {**values, **model, "storage_path": tmp_path / "ray"}.items():
+        if key not in ("data_dir", "protocol", "epochs"):
+            args += ["--set", f"{key}={value}"]
+    log = tmp_path / "interrupted.log"
+    with log.open("w") as out:
+        process = subprocess.Popen([SER, *args], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, text=True)
+    started = re.compile(r"go on with: ser train --resume (\S+)")
+    _wait_for(lambda: started.search(log.read_text()), "run folder line", process)
+    folder = Path(started.search(log.read_text()).group(1))
+    snapshot = folder / "checkpoint_manager_snapshot.json"
+    _wait_for(lambda: snapshot.exists() and json.loads(snapshot.read_text())["latest_checkpoint_result"],
+              "recorded epoch checkpoint", process)
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=120) == 130
+    interrupted = log.read_text()
+    assert "interrupted: go on with the `ser train --resume` line" in interrupted
+
+    done = ser("train", "--resume", str(folder))
+    resumed = done.stdout + done.stderr
+    assert done.returncode == 0, resumed[-3000:]
+    after = int(re.search(rf"resuming after epoch (\d+)/{epochs}", resumed).group(1))
+    assert 1 <= after < epochs
+    card = bundle.read_card(tmp_path / "bundle")
+    assert card["resumed_after_epochs"] == [after] and card["stopped_by"] == "epochs"
+    assert f"resumed after epochs [{after}]" in done.stdout
+    for key in ("train_loss", "val_nll"):
+        np.testing.assert_allclose([row[key] for row in card["history"]],
+                                   [row[key] for row in reference["history"]], rtol=1e-5)
+    x = np.random.default_rng(0).standard_normal((2, *features.FEATURE_SHAPE, 1)).astype(np.float32)
+    np.testing.assert_allclose(bundle.load(tmp_path / "bundle").model(x), bundle.load(tmp_path / "reference").model(x),
+                               rtol=1e-4, atol=1e-5)
+    left = sorted(path.name for path in folder.glob("checkpoint_*/*"))
+    assert left == sorted([bundle.MODEL_FILE, bundle.MEAN_FILE, bundle.STD_FILE, bundle.CARD_FILE])  # no epoch state
+
+    printed = [[int(n) for n in re.findall(rf"epoch +(\d+)/{epochs} +loss", out)] for out in (interrupted, resumed)]
+    assert printed[0] == list(range(1, len(printed[0]) + 1)) and len(printed[0]) >= after
+    assert printed[1] == list(range(after + 1, epochs + 1))
+    assert "kept epoch" in done.stdout and "(stopped by epochs)" in done.stdout
+
+    again = ser("train", "--resume", str(folder))  # finished: the bundle, no training
+    assert again.returncode == 0 and "epoch" not in again.stdout.split("bundle:")[0]
+    assert bundle.read_card(tmp_path / "bundle") == card
+    mixed = ser("train", "--resume", str(folder), "--epochs", "3")
+    assert mixed.returncode == 2 and "drop --epochs" in mixed.stderr
+
+
+def test_epoch_checkpoint_restores_the_next_steps_exactly(tmp_path):
+    """save_state -> load_state into a model and optimizer built afresh: the next steps are the ones the
+    originals take (weights, Adam's moments and step count, the cosine schedule's position, dropout seeds),
+    and the progress, kept weights and averaging window come back."""
+    import tensorflow as tf
+
+    config = training.TrainConfig(batch_size=4, epochs=3, lr_schedule="cosine",
+                                  model=ModelConfig(conv_filters=(4, 8, 8), lstm_units=8))
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.standard_normal((4, *features.FEATURE_SHAPE, 1)).astype(np.float32))
+    y = tf.constant(np.eye(8, dtype=np.float32)[[0, 3, 5, 7]])
+    w = tf.constant(np.ones(4, np.float32))
+    model, optimizer, step = training.build_step(config, tf.distribute.get_strategy(), n_train_files=12)
+    step(x, y, w)  # away from the initial state a fresh build starts from
+    progress = training.Progress(epochs_done=1, history=[{"epoch": 1, "train_loss": 2.0}], best={"epoch": 1},
+                                 seconds=2.5, resumed_after=[])
+    kept, window = model.get_weights(), [model.get_weights(), [v * 2 for v in model.get_weights()]]
+    training.save_state(tmp_path, model, optimizer, progress, kept, window)
+    expected = [float(step(x, y, w)) for _ in range(3)]
+
+    fresh, fresh_optimizer, fresh_step = training.build_step(config, tf.distribute.get_strategy(), n_train_files=12)
+    restored, restored_kept, restored_window = training.load_state(tmp_path, fresh, fresh_optimizer)
+    assert restored == progress
+    for ours, theirs in zip([kept, *window], [restored_kept, *restored_window], strict=True):
+        for a, b in zip(ours, theirs, strict=True):
+            np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose([float(fresh_step(x, y, w)) for _ in range(3)], expected, rtol=1e-6)
 
 
 @pytest.mark.data
