@@ -120,6 +120,15 @@ def test_train_rejects_unknown_key():
     assert result.stdout == ""
 
 
+def test_train_resume_takes_a_run_folder_and_no_other_option(tmp_path):
+    result = ser("train", "--resume", tmp_path)
+    assert result.exit_code == 2
+    assert re.fullmatch(rf"error: {tmp_path}: not a `ser train` run folder .*\n", result.stderr)
+    result = ser("train", "--resume", tmp_path, "--epochs", 3, "--set", "seed=1")
+    assert result.exit_code == 2 and result.stderr.startswith("error: --resume goes on under the run's own")
+    assert "drop --epochs, --set\n" in result.stderr
+
+
 def test_tensorflow_imports_without_scikit_learn_and_matplotlib_which_still_import_afterwards(tiny_bundle):
     """A fresh process (as an inference actor is): TensorFlow and Keras come up, load a bundle and score without
     importing scikit-learn or matplotlib, which then import normally for the code that needs them (the `seed`
