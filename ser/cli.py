@@ -387,8 +387,9 @@ def _run_training(run) -> None:
         sys.exit(130)
     _leave_ray()
     extra = f"{card['train_seconds']:.0f} s"
-    if card.get("resumed_after_epochs"):
-        extra += f", resumed after epochs {card['resumed_after_epochs']}"
+    if card.get("resumed_after"):
+        epochs = ", ".join(str(resume["epoch"]) for resume in card["resumed_after"])
+        extra += f" (resumed after epoch {epochs}; {card['epoch_loop_seconds']:.0f} s of epochs in all)"
     _echo_trained(out, card, extra)
 
 

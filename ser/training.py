@@ -378,7 +378,7 @@ class Progress:
     best: dict | None = None  # the history record of the epoch the bundle would keep
     since_best: int = 0
     seconds: float = 0.0  # wall time of the epoch loop so far, across resumes (what max_minutes counts)
-    resumed_after: list[int] = field(default_factory=list)  # epochs_done at each resume
+    resumed_after: list[dict] = field(default_factory=list)  # each resume: {"epoch": epochs_done, "loop_seconds"}
 
 
 def save_state(folder: Path, model, optimizer, progress: Progress, best_weights: list[np.ndarray],
@@ -455,7 +455,7 @@ def train_loop_per_worker(cfg: dict) -> None:
         with restored.as_directory() as folder:
             progress, best_weights, window = load_state(Path(folder), model, optimizer)
         recent.extend(window)
-        progress.resumed_after.append(progress.epochs_done)
+        progress.resumed_after.append({"epoch": progress.epochs_done, "loop_seconds": round(progress.seconds, 1)})
         if rank == 0:
             print(f"resuming after epoch {progress.epochs_done}/{config.epochs}", flush=True)
     loop_started = time.monotonic() - progress.seconds
@@ -499,7 +499,7 @@ def train_loop_per_worker(cfg: dict) -> None:
             continue
         model.set_weights(best_weights)
         card = {**cfg["card"], "history": progress.history, "best_epoch": progress.best["epoch"],
-                "stopped_by": stopped_by, "resumed_after_epochs": progress.resumed_after,
+                "stopped_by": stopped_by, "resumed_after": progress.resumed_after,
                 "epoch_loop_seconds": round(progress.seconds, 1), **calibrate(model, data)}
         write_bundle = functools.partial(bundle.save, model=model, mean=mean, std=std, card=card)
         with _rank_zero_checkpoint(rank, write_bundle) as checkpoint:
@@ -753,6 +753,8 @@ def _base_members(loaded: bundle.Bundle) -> list[tuple[object, dict]]:
         "best_epoch": card["best_epoch"],
         "epochs_run": len(card["history"]),
         "stopped_by": card.get("stopped_by"),  # None: trained before cards recorded it
+        "resumed_after": card.get("resumed_after"),  # None: trained before runs could be resumed
+        "epoch_loop_seconds": card.get("epoch_loop_seconds"),
         "validation_accuracy": card["validation"]["after_calibration"]["accuracy"],
         "model_sha256": loaded.sha256,
         "train_seconds": card.get("train_seconds"),

@@ -149,7 +149,7 @@ def _smoke_train(tmp_path, feature_cache, stopped_by="epochs", **values):
     out, card = training.train(config)
     loaded = bundle.load(out)
     assert loaded.card == card and card["num_workers"] == values["num_workers"]
-    assert card["stopped_by"] == stopped_by
+    assert card["stopped_by"] == stopped_by and card["resumed_after"] == [] and card["epoch_loop_seconds"] > 0
     if stopped_by == "epochs":
         assert [row["epoch"] for row in card["history"]] == list(range(1, config.epochs + 1))
     assert "train_loss" in card["history"][0]
@@ -238,8 +238,9 @@ def test_ser_train_resumes_an_interrupted_run_exactly_where_it_stopped(tmp_path,
     after = int(re.search(rf"resuming after epoch (\d+)/{epochs}", resumed).group(1))
     assert 1 <= after < epochs
     card = bundle.read_card(tmp_path / "bundle")
-    assert card["resumed_after_epochs"] == [after] and card["stopped_by"] == "epochs"
-    assert f"resumed after epochs [{after}]" in done.stdout
+    assert [resume["epoch"] for resume in card["resumed_after"]] == [after] and card["stopped_by"] == "epochs"
+    assert 0 < card["resumed_after"][0]["loop_seconds"] < card["epoch_loop_seconds"]
+    assert f"(resumed after epoch {after}; " in done.stdout
     for key in ("train_loss", "val_nll"):
         np.testing.assert_allclose([row[key] for row in card["history"]],
                                    [row[key] for row in reference["history"]], rtol=1e-5)
@@ -273,8 +274,9 @@ def test_epoch_checkpoint_restores_the_next_steps_exactly(tmp_path):
     w = tf.constant(np.ones(4, np.float32))
     model, optimizer, step = training.build_step(config, tf.distribute.get_strategy(), n_train_files=12)
     step(x, y, w)  # away from the initial state a fresh build starts from
-    progress = training.Progress(epochs_done=1, history=[{"epoch": 1, "train_loss": 2.0}], best={"epoch": 1},
-                                 seconds=2.5, resumed_after=[])
+    progress = training.Progress(epochs_done=2, history=[{"epoch": 1}, {"epoch": 2, "train_loss": 2.0}],
+                                 best={"epoch": 2}, since_best=0, seconds=2.5,
+                                 resumed_after=[{"epoch": 1, "loop_seconds": 1.2}])
     kept, window = model.get_weights(), [model.get_weights(), [v * 2 for v in model.get_weights()]]
     training.save_state(tmp_path, model, optimizer, progress, kept, window)
     expected = [float(step(x, y, w)) for _ in range(3)]
@@ -309,7 +311,8 @@ def test_ensemble_training_and_ser_ensemble_agree(tmp_path, feature_cache, gener
     members = card["ensemble"]["members"]
     assert [member["seed"] for member in members] == [42, 43]
     assert members[0]["model_sha256"] != members[1]["model_sha256"]
-    assert [(member["epochs_run"], member["stopped_by"]) for member in members] == [(1, "epochs")] * 2
+    assert [(member["epochs_run"], member["stopped_by"], member["resumed_after"]) for member in members] == [
+        (1, "epochs", [])] * 2
     member_dirs = sorted((tmp_path / "ray" / card["run_id"] / "members").iterdir())
     assert [path.name for path in member_dirs] == ["seed-42", "seed-43"]
     again, again_card = training.ensemble_bundles(member_dirs, tmp_path / "combined")
