@@ -44,9 +44,9 @@ def with_ray_train(config: TrainConfig) -> dict:
 
     import ray
 
-    from ser import training
+    from ser import ray_logs, training
 
-    ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    ray.init(address="local", logging_level=logging.WARNING, log_to_driver=False, **ray_logs.local_ray_options())
     try:
         _, card = training.train(config)
     finally:

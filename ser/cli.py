@@ -14,6 +14,7 @@ from ser import __version__, bundle, ravdess
 
 DEFAULT_DATA = "../shared/data/ravdess"
 RUN_FAILED = 3  # `ser label` exit code: the run stopped part-way (1: some files failed, 2: usage error)
+RAY_WAS_UP = "ser.ray_was_up"  # click context meta: Ray was initialized before the command ran (see _leave_ray)
 # TensorFlow's C++ start-up chatter (CUDA probing, CPU features) is noise for a command-line user.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # Imported by Keras at import time, each guarded by `except ImportError`, for features ser never uses (the
@@ -50,11 +51,18 @@ def import_tensorflow_quietly() -> None:
                 del sys.modules[name]
 
 
-def _leave_ray() -> None:
-    """Disconnect from Ray (stopping an embedded one) so no worker log line lands after the job's last words."""
+def _ray_is_up() -> bool:
     ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
-        ray.shutdown()
+    return ray is not None and ray.is_initialized()
+
+
+def _leave_ray() -> None:
+    """Disconnect from the Ray this command joined or started (stopping an embedded one), so no worker log line
+    lands after the job's last words. A Ray that was up before the command (the program that runs it in its own
+    process, e.g. a test session) is left running."""
+    context = click.get_current_context(silent=True)
+    if _ray_is_up() and not (context and context.meta.get(RAY_WAS_UP)):
+        sys.modules["ray"].shutdown()
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -132,7 +140,8 @@ def job_options(command):
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(__version__, prog_name="ser")
-def main() -> None:
+@click.pass_context
+def main(ctx: click.Context) -> None:
     """Speech emotion recognition for whole audio collections.
 
     \b
@@ -146,6 +155,7 @@ def main() -> None:
     Emotions: neutral, calm, happy, sad, angry, fearful, disgust, surprised. The shipped models are trained
     on RAVDESS (CC BY-NC-SA 4.0, https://zenodo.org/records/1188976): non-commercial use only.
     """
+    ctx.meta[RAY_WAS_UP] = _ray_is_up()
 
 
 @main.command()

@@ -654,8 +654,7 @@ def train(config: TrainConfig, address: str | None = None, run_id: str | None = 
     name = config.name.format(protocol=config.protocol)
     output = Path(config.output.format(protocol=config.protocol, run_id=run_id))
     if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False,
-                 runtime_env={"worker_process_setup_hook": ray_logs.SETUP_HOOK})
+        ray.init(address=address, **ray_logs.local_ray_options())  # joining a cluster: its own dashboard counts
     started = time.perf_counter()
     table, feature_set = prepare(config)
     data = training_data(config, table, feature_set)

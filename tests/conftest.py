@@ -73,12 +73,15 @@ def write_ravdess_like(root: Path, n: int = 24, seconds: float = 2.0) -> list[Pa
 
 @pytest.fixture(scope="session")
 def local_ray():
-    """One local 2-CPU Ray instance for the tests that need Ray; shut down after the session."""
+    """One local 2-CPU Ray instance for the tests that need Ray, started as `ser train` starts its own (safe beside
+    other Rays on the machine); shut down after the session."""
     import ray
+
+    from ser import ray_logs
 
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=2, log_to_driver=False, **ray_logs.local_ray_options())
     yield ray
     if started:
         ray.shutdown()

@@ -120,6 +120,12 @@ def test_train_rejects_unknown_key():
     assert result.stdout == ""
 
 
+def test_a_command_run_in_process_leaves_the_callers_ray_running(tmp_path, local_ray):
+    """A `ser` command stops the Ray it started, not one its caller had up (here the test session's)."""
+    result = ser("train", "--resume", tmp_path)
+    assert result.exit_code == 2 and local_ray.is_initialized()
+
+
 def test_train_resume_takes_a_run_folder_and_no_other_option(tmp_path):
     result = ser("train", "--resume", tmp_path)
     assert result.exit_code == 2

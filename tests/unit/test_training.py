@@ -8,13 +8,17 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import ROOT, write_ravdess_like
 from e2e.conftest import SER, ser
+from e2e.faults import kill_tree
 from sklearn.utils.class_weight import compute_class_weight
 
 from ser import audio, bundle, calibration, features, ravdess, training
@@ -172,29 +176,59 @@ def test_train_distributed_on_generated_corpus_within_a_time_budget(tmp_path, fe
     assert card["test_actors"] == [21, 22, 23, 24]
 
 
-def test_ser_train_prints_one_line_per_epoch_and_no_ray_chatter(tmp_path, feature_cache, generated_corpus):
-    """`ser train` as a user runs it, starting its own Ray: each epoch's line once (Ray Train's print patch would
-    echo it twice), no dump of every report, and nothing from the placement-group cleaner, which asks the state
-    API once a second: a warning each time it fails (the job starts no dashboard), or a traceback when it finds
-    several Ray instances on the machine (here, whenever the test session's own Ray is up)."""
-    done = ser("train", "--data", str(generated_corpus), "--protocol", "actors", "--epochs", "2", "--output",
-               str(tmp_path / "bundle"), "--set", "batch_size=8", "--set", f"cache_dir={feature_cache}",
-               "--set", f"storage_path={tmp_path / 'ray'}", "--set", "model.conv_filters=[4, 8, 8]",
-               "--set", "model.lstm_units=8")
-    output = done.stdout + done.stderr
-    assert done.returncode == 0, output[-3000:]
-    assert [len(re.findall(rf"epoch +{n}/2 +loss", output)) for n in (1, 2)] == [1, 1], output[-3000:]
-    assert "kept epoch" in done.stdout and "(stopped by epochs)" in done.stdout
-    assert "Reporting training result" not in output
-    assert "Failed to query Ray Train Controller" not in output and "Traceback" not in output
-
-
 def _wait_for(condition, what: str, process: subprocess.Popen, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         assert process.poll() is None, f"ser train ended (rc {process.returncode}) before {what}"
         assert time.monotonic() < deadline, f"no {what} in {timeout} s"
         time.sleep(0.05)
+
+
+def _dashboard_answers(url: str) -> bool:
+    try:
+        urllib.request.urlopen(url, timeout=2)
+    except urllib.error.HTTPError:  # e.g. 401: Ray's token authentication is on; a server answered
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def test_ser_train_beside_another_ray_with_a_dashboard_prints_one_line_per_epoch_and_finishes(
+        tmp_path, feature_cache, generated_corpus):
+    """`ser train` as a user runs it, starting its own Ray, while another Ray on the machine comes up serving its
+    dashboard at the default 127.0.0.1:8265. Ray Train's placement-group cleaner asks the dashboard address its
+    cluster advertises whether the controller is alive; a Ray without a dashboard advertises that same address,
+    so the cleaner asked the neighbour, which knows no such controller, and removed the training's placement
+    group: the training died within seconds. It must finish, printing each epoch's line once (Ray Train's print
+    patch would echo it twice), no dump of every report, and nothing from the cleaner: no warning for each
+    failed ask (once a second), no traceback for finding several Ray instances."""
+    pytest.importorskip("ray.dashboard.optional_deps", reason="the neighbour's dashboard needs ray[default]")
+    epochs = 40
+    log = tmp_path / "train.log"
+    args = ["train", "--data", str(generated_corpus), "--protocol", "actors", "--epochs", str(epochs), "--output",
+            str(tmp_path / "bundle"), "--set", f"patience={epochs}", "--set", "batch_size=8",
+            "--set", f"cache_dir={feature_cache}", "--set", f"storage_path={tmp_path / 'ray'}",
+            "--set", "model.conv_filters=[4, 8, 8]", "--set", "model.lstm_units=8"]
+    with log.open("w") as out:
+        training_process = subprocess.Popen([SER, *args], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, text=True)
+    _wait_for(lambda: re.search(r"epoch +1/", log.read_text()), "first epoch", training_process)
+    script = ("import ray, time; ray.init(address='local', include_dashboard=True, dashboard_host='127.0.0.1', "
+              "dashboard_port=8265, num_cpus=1, log_to_driver=False); time.sleep(600)")
+    neighbour = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for(lambda: _dashboard_answers("http://127.0.0.1:8265/api/version"), "neighbour's dashboard",
+                  training_process)
+        neighbour_up = time.monotonic()
+        assert training_process.wait(timeout=600) == 0, log.read_text()[-3000:]
+        assert time.monotonic() - neighbour_up > 5, "the training ended too soon after the neighbour came up"
+    finally:
+        kill_tree(neighbour)
+    output = log.read_text()
+    assert [len(re.findall(rf"epoch +{n}/{epochs} +loss", output)) for n in range(1, epochs + 1)] == [1] * epochs
+    assert "kept epoch" in output and "(stopped by epochs)" in output
+    assert "Reporting training result" not in output
+    assert "Failed to query Ray Train Controller" not in output and "Traceback" not in output
 
 
 @pytest.mark.slow  # ~2.5 min each: a reference run and two `ser train` processes; the state round trip is tested below
