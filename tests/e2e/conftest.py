@@ -6,6 +6,8 @@ import os
 import socket
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +50,18 @@ def read_output(out: Path) -> pd.DataFrame:
     frame = pd.read_parquet(out)
     assert not frame["path"].duplicated().any(), frame["path"][frame["path"].duplicated()].tolist()
     return frame.set_index("path", drop=False)
+
+
+def http_answers(url: str) -> bool:
+    """Whether an HTTP server answers at `url` (an error status counts: e.g. 401 when Ray's token authentication
+    is on)."""
+    try:
+        urllib.request.urlopen(url, timeout=5)
+    except urllib.error.HTTPError:
+        return True
+    except OSError:
+        return False
+    return True
 
 
 def free_port() -> int:

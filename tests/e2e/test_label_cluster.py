@@ -14,8 +14,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,7 +21,7 @@ import psutil
 import pytest
 from conftest import ROOT, write_audio
 
-from e2e.conftest import ACCESS_KEY, BUCKET, SECRET, free_port, read_output
+from e2e.conftest import ACCESS_KEY, BUCKET, SECRET, free_port, http_answers, read_output
 
 BIN = Path(sys.executable).parent
 RAY = str(BIN / "ray")
@@ -72,13 +70,6 @@ def _wait(check, what: str, nodes: list[subprocess.Popen], timeout: float = 180)
         time.sleep(1)
 
 
-def _answers(url: str) -> bool:
-    """Whether an HTTP server answers at `url` (401 counts: Ray's token authentication may be on)."""
-    with contextlib.suppress(urllib.error.HTTPError):
-        urllib.request.urlopen(url, timeout=5)
-    return True
-
-
 def _alive_nodes(address: str, env: dict) -> list[str]:
     """Node ids of the live nodes, asked by a short-lived driver (works with or without the dashboard)."""
     script = (f"import json, ray; ray.init(address={address!r}, logging_level='error'); "
@@ -111,7 +102,7 @@ def _start_cluster(nodes: list[subprocess.Popen], env: dict, logs: Path, temp: s
     nodes.append(_start(head, env, logs / "head.log"))
     _wait(lambda: len(_alive_nodes(address, env)) == 1, "the head node", nodes)
     if url:
-        _wait(lambda: _answers(f"{url}/api/version"), "the dashboard", nodes)
+        _wait(lambda: http_answers(f"{url}/api/version"), "the dashboard", nodes)
     nodes.append(_start([f"--address={address}"], env, logs / "worker.log"))
     _wait(lambda: len(_alive_nodes(address, env)) == 2, "two nodes", nodes)
     return SimpleNamespace(address=address, url=url, env=env, node_ids=_alive_nodes(address, env), temp=temp)

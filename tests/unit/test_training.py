@@ -10,14 +10,12 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import ROOT, write_ravdess_like
-from e2e.conftest import SER, ser
+from e2e.conftest import SER, http_answers, ser
 from e2e.faults import kill_tree
 from sklearn.utils.class_weight import compute_class_weight
 
@@ -184,16 +182,6 @@ def _wait_for(condition, what: str, process: subprocess.Popen, timeout: float = 
         time.sleep(0.05)
 
 
-def _dashboard_answers(url: str) -> bool:
-    try:
-        urllib.request.urlopen(url, timeout=2)
-    except urllib.error.HTTPError:  # e.g. 401: Ray's token authentication is on; a server answered
-        return True
-    except OSError:
-        return False
-    return True
-
-
 def test_ser_train_beside_another_ray_with_a_dashboard_prints_one_line_per_epoch_and_finishes(
         tmp_path, feature_cache, generated_corpus):
     """`ser train` as a user runs it, starting its own Ray, while another Ray on the machine comes up serving its
@@ -217,7 +205,7 @@ def test_ser_train_beside_another_ray_with_a_dashboard_prints_one_line_per_epoch
               "dashboard_port=8265, num_cpus=1, log_to_driver=False); time.sleep(600)")
     neighbour = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        _wait_for(lambda: _dashboard_answers("http://127.0.0.1:8265/api/version"), "neighbour's dashboard",
+        _wait_for(lambda: http_answers("http://127.0.0.1:8265/api/version"), "neighbour's dashboard",
                   training_process)
         neighbour_up = time.monotonic()
         assert training_process.wait(timeout=600) == 0, log.read_text()[-3000:]
