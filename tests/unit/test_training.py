@@ -20,6 +20,7 @@ from e2e.faults import kill_tree
 from sklearn.utils.class_weight import compute_class_weight
 
 from ser import audio, bundle, calibration, features, ravdess, training
+from ser import config as config_io
 from ser.model import ModelConfig
 from ser.predict import normalize, softmax
 
@@ -280,6 +281,18 @@ def test_ser_train_resumes_an_interrupted_run_exactly_where_it_stopped(tmp_path,
     again = ser("train", "--resume", str(folder))  # finished: the bundle, no training
     assert again.returncode == 0 and "epoch" not in again.stdout.split("bundle:")[0]
     assert bundle.read_card(tmp_path / "bundle") == card
+
+
+def test_resume_refuses_a_run_whose_data_changed(tmp_path, feature_cache, generated_corpus, local_ray):
+    config = training.TrainConfig(data_dir=str(generated_corpus), epochs=1, batch_size=8, cache_dir=str(feature_cache),
+                                  output=str(tmp_path / "bundle"), storage_path=str(tmp_path / "ray"))
+    folder = training.run_folder(config, "20261207T000000Z-abcdef")
+    folder.mkdir(parents=True)
+    run = {"run_id": folder.name, "cwd": str(ROOT), "data_fingerprint": "0" * 64, "config": config_io.to_dict(config)}
+    (folder / training.RUN_FILE).write_text(json.dumps(run))
+    with pytest.raises(training.ResumeError, match=f"the data changed since run {folder.name} started"):
+        training.resume(folder)
+    assert not (tmp_path / "bundle").exists()
 
 
 def test_epoch_checkpoint_restores_the_next_steps_exactly(tmp_path):
