@@ -642,15 +642,14 @@ def _finished(target: Path, run_id: str) -> bool:
     return (target / bundle.CARD_FILE).exists() and bundle.read_card(target).get("run_id") == run_id
 
 
-def train(config: TrainConfig, address: str | None = None, run_id: str | None = None) -> tuple[Path, dict]:
+def train(config: TrainConfig, address: str | None = None, resumed: dict | None = None) -> tuple[Path, dict]:
     """Run the Ray Train job (once per ensemble member); returns the bundle folder and its model card.
 
-    A `run_id` of an interrupted run (see `resume`) goes on where it stopped: finished ensemble members are
-    kept, the others continue after their last finished epoch."""
+    `resumed`, the RUN_FILE record of an interrupted run (see `resume`), goes on where it stopped: finished
+    ensemble members are kept, the others continue after their last finished epoch."""
     import ray
 
-    resuming = run_id is not None
-    run_id = run_id or new_run_id()
+    run_id = resumed["run_id"] if resumed else new_run_id()
     name = config.name.format(protocol=config.protocol)
     output = Path(config.output.format(protocol=config.protocol, run_id=run_id))
     if not ray.is_initialized():
@@ -660,8 +659,8 @@ def train(config: TrainConfig, address: str | None = None, run_id: str | None = 
     data = training_data(config, table, feature_set)
     fingerprint = data_fingerprint(table)
     folder = run_folder(config, run_id)
-    if resuming:
-        recorded = json.loads((folder / RUN_FILE).read_text())["data_fingerprint"]
+    if resumed:
+        recorded = resumed["data_fingerprint"]
         if recorded != fingerprint:
             raise ResumeError(f"{config.data_dir}: the data changed since run {run_id} started (fingerprint "
                              f"{recorded[:12]} then, {fingerprint[:12]} now); start a new run instead")
@@ -728,7 +727,7 @@ def resume(folder: Path, address: str | None = None) -> tuple[Path, dict]:
     output = Path(config.output.format(protocol=config.protocol, run_id=run["run_id"]))
     if _finished(output, run["run_id"]):
         return output, bundle.read_card(output)
-    return train(config, address, run_id=run["run_id"])
+    return train(config, address, resumed=run)
 
 
 # Statistics recomputed from the same files agree to ~1e-7 relative across machines (their FFT and BLAS
