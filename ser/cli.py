@@ -392,8 +392,8 @@ def _run_training(run) -> None:
         out, card = run()
     except (FileNotFoundError, training.ResumeError) as exc:
         _fail(str(exc))
-    except (KeyboardInterrupt, SystemExit):  # Ray Train's Ctrl-C handler aborts the run with SystemExit
-        click.echo("interrupted: go on with the `ser train --resume` line printed when the run started", err=True)
+    except training.Interrupted as exc:
+        click.echo(str(exc), err=True)
         sys.exit(130)
     _leave_ray()
     extra = f"{card['train_seconds']:.0f} s"

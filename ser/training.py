@@ -628,6 +628,16 @@ class ResumeError(Exception):
     """A run that cannot be resumed as asked."""
 
 
+class Interrupted(Exception):
+    """A run stopped by Ctrl-C; `folder` is the run folder `ser train --resume` goes on with (None: the run
+    was stopped before its record was written, so there is nothing to resume)."""
+
+    def __init__(self, folder: Path | None):
+        super().__init__(f"interrupted: go on with: ser train --resume {folder}" if folder
+                         else "interrupted before the run was recorded: start it again")
+        self.folder = folder
+
+
 def new_run_id() -> str:
     """A run id: UTC start time and a random suffix (names the Ray Train run folder and the bundle's run)."""
     return dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
@@ -646,10 +656,20 @@ def train(config: TrainConfig, address: str | None = None, resumed: dict | None 
     """Run the Ray Train job (once per ensemble member); returns the bundle folder and its model card.
 
     `resumed`, the RUN_FILE record of an interrupted run (see `resume`), goes on where it stopped: finished
-    ensemble members are kept, the others continue after their last finished epoch."""
+    ensemble members are kept, the others continue after their last finished epoch. Ctrl-C raises
+    `Interrupted`, which names the run folder to resume."""
+    run_id = resumed["run_id"] if resumed else new_run_id()
+    folder = run_folder(config, run_id)
+    try:
+        return _train(config, address, resumed, run_id, folder)
+    except (KeyboardInterrupt, SystemExit) as exc:  # Ray Train's SIGINT handler aborts the run with SystemExit
+        raise Interrupted(folder if (folder / RUN_FILE).exists() else None) from exc
+
+
+def _train(config: TrainConfig, address: str | None, resumed: dict | None, run_id: str,
+           folder: Path) -> tuple[Path, dict]:
     import ray
 
-    run_id = resumed["run_id"] if resumed else new_run_id()
     name = config.name.format(protocol=config.protocol)
     output = Path(config.output.format(protocol=config.protocol, run_id=run_id))
     if not ray.is_initialized():
@@ -658,7 +678,6 @@ def train(config: TrainConfig, address: str | None = None, resumed: dict | None 
     table, feature_set = prepare(config)
     data = training_data(config, table, feature_set)
     fingerprint = data_fingerprint(table)
-    folder = run_folder(config, run_id)
     if resumed:
         recorded = resumed["data_fingerprint"]
         if recorded != fingerprint:

@@ -253,7 +253,7 @@ def test_ser_train_resumes_an_interrupted_run_exactly_where_it_stopped(tmp_path,
     process.send_signal(signal.SIGINT)
     assert process.wait(timeout=120) == 130
     interrupted = log.read_text()
-    assert "interrupted: go on with the `ser train --resume` line" in interrupted
+    assert f"interrupted: go on with: ser train --resume {folder}\n" in interrupted
 
     done = ser("train", "--resume", str(folder))
     resumed = done.stdout + done.stderr
