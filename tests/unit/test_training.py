@@ -295,6 +295,29 @@ def test_resume_refuses_a_run_whose_data_changed(tmp_path, feature_cache, genera
     assert not (tmp_path / "bundle").exists()
 
 
+def test_ctrl_c_names_the_run_folder_to_resume_once_the_run_is_recorded(tmp_path, local_ray, monkeypatch):
+    """Ctrl-C while the features are prepared: a new run has no record yet, so nothing to resume; a resumed run
+    is named by its folder, with the command that goes on."""
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "prepare", ctrl_c)
+    config = training.TrainConfig(data_dir=str(tmp_path), output=str(tmp_path / "bundle"),
+                                  storage_path=str(tmp_path / "ray"))
+    with pytest.raises(training.Interrupted, match=r"^interrupted before the run was recorded") as new_run:
+        training.train(config)
+    assert new_run.value.folder is None
+
+    folder = training.run_folder(config, "20261207T000000Z-abcdef")
+    folder.mkdir(parents=True)
+    run = {"run_id": folder.name, "cwd": str(ROOT), "data_fingerprint": "0" * 64, "config": config_io.to_dict(config)}
+    (folder / training.RUN_FILE).write_text(json.dumps(run))
+    with pytest.raises(training.Interrupted) as resumed:
+        training.resume(folder)
+    assert resumed.value.folder == folder
+    assert str(resumed.value) == f"interrupted: go on with: ser train --resume {folder}"
+
+
 def test_epoch_checkpoint_restores_the_next_steps_exactly(tmp_path):
     """save_state -> load_state into a model and optimizer built afresh: the next steps are the ones the
     originals take (weights, Adam's moments and step count, the cosine schedule's position, dropout seeds),
