@@ -283,13 +283,20 @@ def test_ser_train_resumes_an_interrupted_run_exactly_where_it_stopped(tmp_path,
     assert bundle.read_card(tmp_path / "bundle") == card
 
 
-def test_resume_refuses_a_run_whose_data_changed(tmp_path, feature_cache, generated_corpus, local_ray):
-    config = training.TrainConfig(data_dir=str(generated_corpus), epochs=1, batch_size=8, cache_dir=str(feature_cache),
-                                  output=str(tmp_path / "bundle"), storage_path=str(tmp_path / "ray"))
+def _recorded_run(config: training.TrainConfig) -> Path:
+    """The run folder of a run of `config` that recorded itself (RUN_FILE) and was interrupted before its first
+    epoch, on data whose fingerprint was all zeros."""
     folder = training.run_folder(config, "20261207T000000Z-abcdef")
     folder.mkdir(parents=True)
     run = {"run_id": folder.name, "cwd": str(ROOT), "data_fingerprint": "0" * 64, "config": config_io.to_dict(config)}
     (folder / training.RUN_FILE).write_text(json.dumps(run))
+    return folder
+
+
+def test_resume_refuses_a_run_whose_data_changed(tmp_path, feature_cache, generated_corpus, local_ray):
+    config = training.TrainConfig(data_dir=str(generated_corpus), epochs=1, batch_size=8, cache_dir=str(feature_cache),
+                                  output=str(tmp_path / "bundle"), storage_path=str(tmp_path / "ray"))
+    folder = _recorded_run(config)
     with pytest.raises(training.ResumeError, match=f"the data changed since run {folder.name} started"):
         training.resume(folder)
     assert not (tmp_path / "bundle").exists()
@@ -308,10 +315,7 @@ def test_ctrl_c_names_the_run_folder_to_resume_once_the_run_is_recorded(tmp_path
         training.train(config)
     assert new_run.value.folder is None
 
-    folder = training.run_folder(config, "20261207T000000Z-abcdef")
-    folder.mkdir(parents=True)
-    run = {"run_id": folder.name, "cwd": str(ROOT), "data_fingerprint": "0" * 64, "config": config_io.to_dict(config)}
-    (folder / training.RUN_FILE).write_text(json.dumps(run))
+    folder = _recorded_run(config)
     with pytest.raises(training.Interrupted) as resumed:
         training.resume(folder)
     assert resumed.value.folder == folder
