@@ -57,14 +57,6 @@ def ravdess_dir() -> Path:
     return RAVDESS_DIR
 
 
-@pytest.fixture(scope="session")
-def shipped_model() -> Path:
-    path = ROOT / "models" / "ravdess-actors"
-    if not (path / "model.json").is_file():
-        pytest.skip("shipped model models/ravdess-actors is missing")
-    return path
-
-
 def write_ravdess_like(root: Path, n: int = 24, seconds: float = 2.0) -> list[Path]:
     """n generated clips named like RAVDESS speech: clip i has emotion i % 8 + 1 and actor i % 24 + 1."""
     names = [f"03-01-{i % 8 + 1:02d}-01-01-01-{i % 24 + 1:02d}.wav" for i in range(n)]
