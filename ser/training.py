@@ -694,12 +694,14 @@ def _train(config: TrainConfig, address: str | None, resumed: dict | None, run_i
         data["soft_targets"], distillation = teacher_targets(config, fingerprint, data)
     sides = data["sides"]
     data_ref = ray.put(data)
+    # The recipe as the user gave it: a resumed run's config has its relative paths made absolute to run.
+    recipe = config_io.to_dict(config_io.build(TrainConfig, resumed["config"]) if resumed else config)
     card = {
         "name": name,
         "run_id": run_id,
         "classes": list(ravdess.EMOTIONS),
         "model_config": config.model.to_dict(),
-        "train_config": config_io.to_dict(config),
+        "train_config": recipe,
         "protocol": config.protocol,
         "split": {side: int((sides == side).sum()) for side in ("train", "validation", "test")},
         "test_actors": sorted(ravdess.ACTORS_TEST) if config.protocol == "actors" else None,
@@ -716,7 +718,8 @@ def _train(config: TrainConfig, address: str | None, resumed: dict | None, run_i
         members = []
         for i in range(config.ensemble):
             member = dataclasses.replace(config, seed=config.seed + i, ensemble=1)
-            member_card = {**card, "run_id": f"{run_id}-member{i}", "train_config": config_io.to_dict(member)}
+            member_card = {**card, "run_id": f"{run_id}-member{i}",
+                           "train_config": recipe | {"seed": member.seed, "ensemble": 1}}
             target = folder / "members" / f"seed-{member.seed}"
             if not _finished(target, member_card["run_id"]):
                 _fit(member, data_ref, member_card, member_card["run_id"], target)

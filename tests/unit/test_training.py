@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import shutil
 import signal
@@ -283,12 +284,12 @@ def test_ser_train_resumes_an_interrupted_run_exactly_where_it_stopped(tmp_path,
     assert bundle.read_card(tmp_path / "bundle") == card
 
 
-def _recorded_run(config: training.TrainConfig) -> Path:
-    """The run folder of a run of `config` that recorded itself (RUN_FILE) and was interrupted before its first
-    epoch, on data whose fingerprint was all zeros."""
+def _recorded_run(config: training.TrainConfig, fingerprint: str = "0" * 64, cwd: Path = ROOT) -> Path:
+    """The run folder of a run of `config`, started in `cwd`, that recorded itself (RUN_FILE) and was interrupted
+    before its first epoch, on data of that fingerprint (all zeros: data that has changed since)."""
     folder = training.run_folder(config, "20261207T000000Z-abcdef")
     folder.mkdir(parents=True)
-    run = {"run_id": folder.name, "cwd": str(ROOT), "data_fingerprint": "0" * 64, "config": config_io.to_dict(config)}
+    run = {"run_id": folder.name, "cwd": str(cwd), "data_fingerprint": fingerprint, "config": config_io.to_dict(config)}
     (folder / training.RUN_FILE).write_text(json.dumps(run))
     return folder
 
@@ -300,6 +301,28 @@ def test_resume_refuses_a_run_whose_data_changed(tmp_path, feature_cache, genera
     with pytest.raises(training.ResumeError, match=f"the data changed since run {folder.name} started"):
         training.resume(folder)
     assert not (tmp_path / "bundle").exists()
+
+
+def test_resumed_run_runs_where_it_started_and_its_cards_record_the_recipe_as_given(
+        tmp_path, feature_cache, generated_corpus, local_ray, monkeypatch):
+    """A run started with relative paths and resumed from another directory reads and writes where it started,
+    and its cards (the ensemble's and each member's) record those relative paths, as an uninterrupted run's do."""
+    started_in = tmp_path / "project"
+    started_in.mkdir()
+    monkeypatch.chdir(started_in)
+    config = training.TrainConfig(
+        data_dir=os.path.relpath(generated_corpus), cache_dir=os.path.relpath(feature_cache), epochs=1,
+        batch_size=8, ensemble=2, output="bundle", storage_path="ray",
+        model=ModelConfig(conv_filters=(4, 8, 8), lstm_units=8))
+    recipe = config_io.to_dict(config)
+    folder = _recorded_run(config, training.data_fingerprint(ravdess.index(generated_corpus)), cwd=started_in)
+    monkeypatch.chdir(tmp_path)
+    out, card = training.resume(Path("project") / folder.relative_to(started_in))
+    assert out == started_in / "bundle" and not (tmp_path / "bundle").exists()
+    assert card["train_config"] == recipe
+    assert [bundle.read_card(member)["train_config"] for member in sorted((folder / "members").iterdir())] == [
+        recipe | {"seed": 42, "ensemble": 1}, recipe | {"seed": 43, "ensemble": 1}]
+    assert not any("train_config_changes" in member for member in card["ensemble"]["members"])
 
 
 def test_ctrl_c_names_the_run_folder_to_resume_once_the_run_is_recorded(tmp_path, local_ray, monkeypatch):
