@@ -221,6 +221,35 @@ def change_speed(audio: np.ndarray, factor: float) -> np.ndarray:
     return soxr.resample(audio, SAMPLE_RATE * factor, SAMPLE_RATE, quality=RESAMPLE_TYPE).astype(np.float32)
 
 
+def shift_pitch(audio: np.ndarray, semitones: float) -> np.ndarray:
+    """Pitch shift at the same tempo, librosa.effects.pitch_shift's method: a phase-vocoder time stretch by
+    2 ** (semitones / 12), then `change_speed` by that factor back to the original length. The whole spectrum
+    moves (formants too), as if a smaller or larger voice spoke at the same pace. 0 returns it unchanged."""
+    if semitones == 0:
+        return audio
+    import librosa  # training only: the inference feature stage does not pay for librosa's import
+
+    factor = 2.0 ** (semitones / 12)
+    return pad_or_trim(change_speed(librosa.effects.time_stretch(audio, rate=1 / factor), factor), len(audio))
+
+
+@dataclass(frozen=True)
+class Perturbation:
+    """Training's augmentation hook on the decoded audio, before trimming: played `speed` times as fast, then
+    moved `semitones` in pitch at the same tempo. The default leaves the audio as it is (every inference path)."""
+
+    speed: float = 1.0
+    semitones: float = 0.0
+
+    def apply(self, audio: np.ndarray) -> np.ndarray:
+        return shift_pitch(change_speed(audio, self.speed), self.semitones)
+
+    def cache_suffix(self) -> str:
+        """'' for the original audio, else e.g. '-speed0.9' or '-pitch+3': tells feature caches apart."""
+        return (f"-speed{self.speed:g}" if self.speed != 1 else "") + (
+            f"-pitch{self.semitones:+g}" if self.semitones else "")
+
+
 def pad_or_trim(audio: np.ndarray, length: int = N_SAMPLES) -> np.ndarray:
     """Zero-pad at the end or cut to exactly `length` samples."""
     if audio.shape[-1] >= length:

@@ -132,16 +132,18 @@ def log_mel(window: np.ndarray) -> np.ndarray:
     return log_mel_batch(window[None, :])[0]
 
 
-def file_features(data: bytes | str, speed: float = 1.0) -> tuple[np.ndarray, np.ndarray, audio.AudioInfo]:
+def file_features(
+    data: bytes | str, perturbation: audio.Perturbation = audio.Perturbation()
+) -> tuple[np.ndarray, np.ndarray, audio.AudioInfo]:
     """Bytes or path -> (features (n_windows, N_MELS, N_FRAMES), window starts in s, AudioInfo).
 
     The single entry used by training, `ser predict` and the labeling job. Windows are cut and turned into
     log-mels FEATURE_BATCH_WINDOWS at a time (each window's features do not depend on its batch), so a long
-    recording never holds all its windows or STFTs at once. `speed` is training's augmentation hook: the
-    decoded audio is speed-perturbed (`audio.change_speed`) before trimming; inference always uses 1.
+    recording never holds all its windows or STFTs at once. `perturbation` is training's augmentation hook:
+    the decoded audio is speed- or pitch-perturbed before trimming; inference always leaves it as it is.
     """
     samples, info = audio.decode(data)
-    samples = audio.change_speed(samples, speed)
+    samples = perturbation.apply(samples)
     starts, end = audio.voiced_window_starts(samples)
     feats = np.empty((len(starts), *FEATURE_SHAPE), np.float32)
     for first in range(0, len(starts), FEATURE_BATCH_WINDOWS):

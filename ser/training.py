@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ser import bundle, calibration, features, ravdess, ray_logs
+from ser import audio, bundle, calibration, features, ravdess, ray_logs
 from ser import config as config_io
 from ser.model import ModelConfig
 from ser.predict import normalize
@@ -52,6 +52,12 @@ class AugmentConfig:
     time_mask_max: int = 16  # ... each up to this many frames wide
     mixup_alpha: float = 0.0  # mixup: Beta(alpha, alpha) blend of pairs of samples and targets; 0 = off
     speeds: tuple[float, ...] = ()  # speed perturbation: extra copies of every file at these speeds (e.g. 0.9, 1.1)
+    pitch_shifts: tuple[float, ...] = ()  # pitch perturbation: extra copies moved this many semitones (e.g. -3, 3)
+
+    def perturbations(self) -> list[audio.Perturbation]:
+        """The audio each file's features are extracted from: the original first, then every perturbed copy."""
+        return [audio.Perturbation(), *(audio.Perturbation(speed=speed) for speed in self.speeds),
+                *(audio.Perturbation(semitones=semitones) for semitones in self.pitch_shifts)]
 
 
 @dataclass
@@ -91,6 +97,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if any(not 0.5 <= speed <= 2.0 or speed == 1.0 for speed in self.augment.speeds):
             raise ValueError(f"augment.speeds: expected factors in [0.5, 2] other than 1, got {self.augment.speeds}")
+        if any(not 0 < abs(semitones) <= 12 for semitones in self.augment.pitch_shifts):
+            raise ValueError("augment.pitch_shifts: expected semitones in [-12, 12] other than 0, got "
+                             f"{self.augment.pitch_shifts}")
         if self.protocol not in ravdess.PROTOCOLS:
             raise ValueError(f"protocol: unknown {self.protocol!r}; choose one of {', '.join(ravdess.PROTOCOLS)}")
         ravdess.check_validation_actors(self.validation_actors)
@@ -125,7 +134,7 @@ class FeatureSet:
 
     features: np.ndarray
     file_index: np.ndarray
-    n_original: int | None = None  # windows before the speed-perturbed copies (None: all are original)
+    n_original: int | None = None  # windows before the perturbed copies (None: all are original)
 
     def original(self) -> np.ndarray:
         """Whether each window comes from the unperturbed audio."""
@@ -140,28 +149,32 @@ def data_fingerprint(table: pd.DataFrame) -> str:
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
-def _featurize(batch: dict[str, np.ndarray], speed: float = 1.0) -> dict[str, np.ndarray]:
+def _featurize(
+    batch: dict[str, np.ndarray], perturbation: audio.Perturbation = audio.Perturbation()
+) -> dict[str, np.ndarray]:
     """Ray Data stage: paths -> one row per window (the shared feature stage, nothing else)."""
     rows, feats = [], []
     for row, path in zip(batch["row"], batch["path"], strict=True):
-        window_feats, _, _ = features.file_features(str(path), speed)
+        window_feats, _, _ = features.file_features(str(path), perturbation)
         rows.extend([row] * len(window_feats))
         feats.append(window_feats)
     return {"row": np.asarray(rows, dtype=np.int64), "features": np.concatenate(feats)}
 
 
-def extract_features(table: pd.DataFrame, cache_dir: str | Path, speed: float = 1.0) -> FeatureSet:
-    """Features for every row of `table` (speed-perturbed by `speed`), computed once with Ray Data and cached."""
+def extract_features(
+    table: pd.DataFrame, cache_dir: str | Path, perturbation: audio.Perturbation = audio.Perturbation()
+) -> FeatureSet:
+    """Features for every row of `table` (of its audio perturbed by `perturbation`), computed once with Ray Data
+    and cached."""
     import ray
 
-    key = f"{data_fingerprint(table)[:16]}-{features.feature_config_hash()}"
-    key += f"-speed{speed:g}" if speed != 1 else ""
+    key = f"{data_fingerprint(table)[:16]}-{features.feature_config_hash()}{perturbation.cache_suffix()}"
     cache = Path(cache_dir).expanduser() / key
     if (cache / "features.npy").is_file():
         return FeatureSet(np.load(cache / "features.npy"), np.load(cache / "file_index.npy"))
     items = [{"row": i, "path": p} for i, p in enumerate(table["path"])]
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items) // FEATURE_BATCH)).map_batches(
-        _featurize, batch_size=FEATURE_BATCH, batch_format="numpy", fn_kwargs={"speed": speed}
+        _featurize, batch_size=FEATURE_BATCH, batch_format="numpy", fn_kwargs={"perturbation": perturbation}
     )
     rows, feats = [], []
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
@@ -300,7 +313,7 @@ def calibrate(model, data: dict) -> dict:
 
 
 def training_windows(data: dict) -> np.ndarray:
-    """Indices of the windows of the training files in `data`, speed-perturbed copies included (see
+    """Indices of the windows of the training files in `data`, perturbed copies included (see
     `training_data`): an epoch's one window per file is drawn from all of them."""
     return np.flatnonzero(data["sides"][data["file_index"]] == "train")
 
@@ -527,15 +540,15 @@ def _stop_reason(config: TrainConfig, epoch: int, progress: Progress) -> str | N
 
 def prepare(config: TrainConfig, table: pd.DataFrame | None = None) -> tuple[pd.DataFrame, FeatureSet]:
     """Index the data (unless the caller passes its `ravdess.index(config.data_dir)` as `table`), split it
-    under the protocol, and extract (or load cached) features, the speed-perturbed copies of `augment.speeds`
-    appended after the original windows."""
+    under the protocol, and extract (or load cached) features, the perturbed copies of `augment.speeds` and
+    `augment.pitch_shifts` appended after the original windows."""
     table = ravdess.index(config.data_dir) if table is None else table.copy()
     table["split"] = ravdess.split(table, config.protocol, config.validation_actors)
     if config.max_files:  # a small, deterministic subset for smoke tests
         per_side = max(1, config.max_files // 3)
         parts = [part.sample(min(len(part), per_side), random_state=config.seed) for _, part in table.groupby("split")]
         table = pd.concat(parts).sort_values("path").reset_index(drop=True)
-    sets = [extract_features(table, config.cache_dir, speed) for speed in (1.0, *config.augment.speeds)]
+    sets = [extract_features(table, config.cache_dir, perturbation) for perturbation in config.augment.perturbations()]
     if len(sets) == 1:
         return table, sets[0]
     stacked = [np.concatenate([getattr(s, name) for s in sets]) for name in ("features", "file_index")]
@@ -563,7 +576,7 @@ def training_data(config: TrainConfig, table: pd.DataFrame, feature_set: Feature
 
 def teacher_targets(config: TrainConfig, fingerprint: str, data: dict) -> tuple[np.ndarray, dict]:
     """Knowledge distillation (Hinton et al. 2015): the teacher bundle's probabilities at
-    `distill_temperature` for every training window (speed-perturbed copies included; zeros elsewhere),
+    `distill_temperature` for every training window (perturbed copies included; zeros elsewhere),
     computed once on the unaugmented features, and the card entry naming the teacher.
 
     The teacher must have been trained under the same protocol on the same files, so its targets carry no

@@ -513,18 +513,22 @@ def test_keep_last_ships_the_final_epoch_whatever_validation_says(tmp_path, feat
     assert [r["val_nll"] for r in last["history"]] == pytest.approx([r["val_nll"] for r in best["history"]], rel=1e-4)
 
 
-def test_speed_perturbed_copies_train_but_never_validate_or_normalize(tmp_path, feature_cache, generated_corpus,
-                                                                       local_ray):
-    """augment.speeds appends perturbed copies of every file: training epochs draw from them, while the
-    normalization statistics and validation (early stopping, calibration) see the original audio only."""
+def test_perturbed_copies_train_but_never_validate_or_normalize(tmp_path, feature_cache, generated_corpus,
+                                                                 local_ray):
+    """augment.speeds and augment.pitch_shifts append perturbed copies of every file, in that order: training
+    epochs draw from them, while the normalization statistics and validation (early stopping, calibration) see
+    the original audio only."""
     plain = training.TrainConfig(data_dir=str(generated_corpus), protocol="actors", cache_dir=str(feature_cache),
                                  normalization="per_band")
-    perturbed = dataclasses.replace(plain, augment=training.AugmentConfig(speeds=(0.9, 1.1)))
+    perturbed = dataclasses.replace(plain, augment=training.AugmentConfig(speeds=(0.9, 1.1), pitch_shifts=(3,)))
     table, original = training.prepare(plain)
     _, stacked = training.prepare(perturbed)
-    assert stacked.n_original == len(original.features) and len(stacked.features) > 2 * len(original.features)
-    np.testing.assert_array_equal(stacked.features[: stacked.n_original], original.features)
-    assert set(stacked.file_index[stacked.n_original :]) == set(original.file_index)  # every file, every speed
+    n = stacked.n_original
+    assert n == len(original.features) and len(stacked.features) > 3 * n
+    np.testing.assert_array_equal(stacked.features[:n], original.features)
+    assert set(stacked.file_index[n:]) == set(original.file_index)  # every file, every copy
+    shifted = [features.file_features(path, audio.Perturbation(semitones=3))[0] for path in table["path"]]
+    np.testing.assert_array_equal(stacked.features[-sum(map(len, shifted)) :], np.concatenate(shifted))  # the last
     data, reference = training.training_data(perturbed, table, stacked), training.training_data(plain, table, original)
     np.testing.assert_array_equal(data["mean"], reference["mean"])
     np.testing.assert_array_equal(data["std"], reference["std"])
@@ -535,6 +539,8 @@ def test_speed_perturbed_copies_train_but_never_validate_or_normalize(tmp_path, 
         reference["file_index"][training.training_windows(reference)])
     with pytest.raises(ValueError, match=r"augment\.speeds"):
         training.TrainConfig(augment=training.AugmentConfig(speeds=(1.0,)))
+    with pytest.raises(ValueError, match=r"augment\.pitch_shifts"):
+        training.TrainConfig(augment=training.AugmentConfig(pitch_shifts=(0,)))
 
 
 def test_speed_perturbation_changes_tempo_and_pitch_together():
@@ -545,6 +551,22 @@ def test_speed_perturbation_changes_tempo_and_pitch_together():
     assert faster.dtype == np.float32 and len(faster) == pytest.approx(len(clip) / 1.1, abs=2)
     peak = np.fft.rfftfreq(len(faster), 1 / rate)[np.abs(np.fft.rfft(faster)).argmax()]
     assert peak == pytest.approx(tone * 1.1, abs=1.0)
+
+
+def test_pitch_perturbation_moves_the_pitch_and_keeps_the_tempo():
+    """librosa.effects.pitch_shift's result, composed from the project's own resampling."""
+    import librosa
+
+    rate, seconds, tone = audio.SAMPLE_RATE, 2.0, 440.0
+    clip = np.sin(2 * np.pi * tone * np.arange(int(rate * seconds)) / rate).astype(np.float32)
+    assert audio.shift_pitch(clip, 0) is clip
+    for semitones in (-3, 3):
+        shifted = audio.shift_pitch(clip, semitones)
+        assert shifted.dtype == np.float32 and len(shifted) == len(clip)
+        peak = np.fft.rfftfreq(len(shifted), 1 / rate)[np.abs(np.fft.rfft(shifted)).argmax()]
+        assert peak == pytest.approx(tone * 2 ** (semitones / 12), abs=1.0)
+        reference = librosa.effects.pitch_shift(clip, sr=rate, n_steps=semitones, res_type=audio.RESAMPLE_TYPE)
+        np.testing.assert_allclose(shifted, reference, atol=1e-6)
 
 
 def test_distillation_blends_the_teachers_probabilities_into_the_targets(tmp_path, feature_cache,
