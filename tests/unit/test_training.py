@@ -543,9 +543,17 @@ def test_perturbed_copies_train_but_never_validate_or_normalize(tmp_path, featur
         training.TrainConfig(augment=training.AugmentConfig(pitch_shifts=(0,)))
 
 
+TONE_HZ = 440.0
+
+
+def _tone(seconds: float = 2.0) -> np.ndarray:
+    """A pure TONE_HZ sine at the project's rate: its one spectral peak shows where perturbation moves the pitch."""
+    return np.sin(2 * np.pi * TONE_HZ * np.arange(int(audio.SAMPLE_RATE * seconds)) / audio.SAMPLE_RATE).astype(
+        np.float32)
+
+
 def test_speed_perturbation_changes_tempo_and_pitch_together():
-    rate, seconds, tone = audio.SAMPLE_RATE, 2.0, 440.0
-    clip = np.sin(2 * np.pi * tone * np.arange(int(rate * seconds)) / rate).astype(np.float32)
+    rate, tone, clip = audio.SAMPLE_RATE, TONE_HZ, _tone()
     assert audio.change_speed(clip, 1.0) is clip
     faster = audio.change_speed(clip, 1.1)
     assert faster.dtype == np.float32 and len(faster) == pytest.approx(len(clip) / 1.1, abs=2)
@@ -557,8 +565,7 @@ def test_pitch_perturbation_moves_the_pitch_and_keeps_the_tempo():
     """librosa.effects.pitch_shift's result, composed from the project's own resampling."""
     import librosa
 
-    rate, seconds, tone = audio.SAMPLE_RATE, 2.0, 440.0
-    clip = np.sin(2 * np.pi * tone * np.arange(int(rate * seconds)) / rate).astype(np.float32)
+    rate, tone, clip = audio.SAMPLE_RATE, TONE_HZ, _tone()
     assert audio.shift_pitch(clip, 0) is clip
     for semitones in (-3, 3):
         shifted = audio.shift_pitch(clip, semitones)
