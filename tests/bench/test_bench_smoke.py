@@ -48,7 +48,7 @@ def _finite_positive(value) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
-@pytest.mark.slow  # ~3 min of Ray start-ups (every bench stage): the default suite stays near 20 min on 2 cores
+@pytest.mark.slow  # 3-4 min of Ray start-ups (every bench stage): the default suite's longest case on 2 cores
 def test_quick_bench_reports_every_figure(tmp_path, tiny_bundle):
     data, out = tmp_path / "clips", tmp_path / "bench.json"
     write_ravdess_like(data, n=GENERATED_CLIPS, seconds=2.0)
